@@ -1,0 +1,211 @@
+"""The one typed configuration that travels from CLI / deployment parameters / UI form to every stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from farense.errors import ConfigError
+
+Stage = Literal["data", "model", "train", "validate", "benchmark", "export"]
+STAGES: tuple[Stage, ...] = ("data", "model", "train", "validate", "benchmark", "export")
+
+# mlx-lm module names for the users' short target names.
+LORA_TARGET_MODULES: dict[str, str] = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(Section):
+    path: Path = Field(Path("data/farense"), description="A JSONL file or a folder of JSONL files")
+    valid_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of examples in the validation split")
+    seed: int = Field(42, description="Seed of the content-stable split")
+    max_line_bytes: int = Field(1_000_000, gt=0, description="Longer lines are rejected")
+    eval_questions: Path = Field(
+        Path("data/eval/questions.jsonl"), description="Held-out questions with reference answers"
+    )
+
+
+class ModelConfig(Section):
+    source: str = Field(
+        "embedded:smollm2",
+        description="HF repo id, local HF folder, MLX folder, GGUF file, or embedded:smollm2",
+    )
+    revision: str | None = Field(None, description="Hub revision (commit, tag or branch) for a repo id")
+    bits: int = Field(4, description="Quantization bits of the base model")
+    group_size: int = Field(64, description="Quantization group size (GGUF sources keep their own)")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in (2, 3, 4, 5, 6, 8):
+            raise ValueError("bits must be one of 2, 3, 4, 5, 6, 8")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v not in (32, 64, 128):
+            raise ValueError("group_size must be 32, 64 or 128")
+        return v
+
+
+ComputePath = Literal["auto", "quantized", "dequantized", "recompute"]
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(4, ge=1)
+    grad_accumulation: int = Field(2, ge=1, description="Micro-batches per optimizer step")
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up, in optimizer steps, then cosine decay")
+    max_seq_length: int = Field(512, ge=8)
+    lora_rank: int = Field(8, ge=1)
+    lora_scale: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_targets: list[str] = Field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    lora_layers: int = Field(-1, description="How many of the last layers get adapters; -1 for all")
+    mask_prompt: bool = Field(True, description="Train on the answers only")
+    grad_checkpoint: bool = False
+    save_every: int = Field(200, ge=1, description="Checkpoint every N optimizer steps")
+    eval_every: int = Field(200, ge=1, description="Validate every N optimizer steps")
+    log_every: int = Field(10, ge=1, description="Report train loss every N optimizer steps")
+    max_eval_batches: int = Field(-1, description="-1 for the whole validation split")
+    keep_checkpoints: int = Field(3, ge=1, description="Keep the last K checkpoints (and the best)")
+    seed: int = 0
+    compute_path: ComputePath = Field("auto", description="auto: quantized on Apple GPU, dequantized on CPU")
+    auto_fit_memory: bool = Field(True, description="Lower batch and raise accumulation when memory would not fit")
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in LORA_TARGET_MODULES]
+        if bad or not v:
+            raise ValueError(f"unknown LoRA target(s) {bad}; choose from {sorted(LORA_TARGET_MODULES)}")
+        return v
+
+
+class EvalConfig(Section):
+    max_tokens: int = Field(64, ge=1, description="Greedy answer length for held-out questions")
+    max_questions: int = Field(-1, description="-1 for all held-out questions")
+    max_batches: int = Field(-1, description="Validation batches for loss/perplexity; -1 for all")
+
+
+class BenchmarkConfig(Section):
+    enabled: bool = True
+    train_steps: int = Field(6, ge=1, description="Timed optimizer steps per mode")
+    warmup_steps: int = Field(2, ge=0)
+    generation_tokens: int = Field(32, ge=1)
+
+
+class ExportConfig(Section):
+    fuse: bool = Field(False, description="Also write a fused model with mlx-lm's fuse")
+    quality_gate: bool = Field(True, description="Publish only when the tuned model beats base and current")
+
+
+class FarenseConfig(Section):
+    artifacts_dir: Path = Field(Path("artifacts"), description="Where every stage writes")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    def section(self, name: str) -> dict[str, Any]:
+        return getattr(self, name).model_dump(mode="json")
+
+    def resolve_paths(self, root: Path) -> "FarenseConfig":
+        """Make relative paths absolute against `root` (the project or config file folder)."""
+        cfg = self.model_copy(deep=True)
+        cfg.artifacts_dir = _absolute(cfg.artifacts_dir, root)
+        cfg.data.path = _absolute(cfg.data.path, root)
+        cfg.data.eval_questions = _absolute(cfg.data.eval_questions, root)
+        if _looks_like_path(cfg.model.source) and not Path(cfg.model.source).is_absolute():
+            candidate = root / cfg.model.source
+            if candidate.exists():
+                cfg.model.source = str(candidate)
+        return cfg
+
+
+def _absolute(p: Path, root: Path) -> Path:
+    return p if p.is_absolute() else (root / p).resolve()
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.endswith(".gguf")
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `farense config show` lists every field)"
+        lines.append(f"{origin}: field '{field}': {msg}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    root: Path | None = None,
+) -> FarenseConfig:
+    """Build the config from defaults, an optional YAML file, then dotted overrides (`train.epochs=1`)."""
+    raw: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = loaded
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        cfg = FarenseConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin if not overrides else f"{origin} + overrides")) from None
+    base = root or (path.parent if path is not None else Path.cwd())
+    return cfg.resolve_paths(base.resolve())
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.epochs=1` -> ("train.epochs", 1); the value is read as YAML so numbers and lists work."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected section.field=value, e.g. train.epochs=1")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value) if value.strip() else ""

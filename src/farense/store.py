@@ -1,0 +1,195 @@
+"""Content-addressed artifact store: `artifacts/<stage>/<key>/`, written in a temp folder, renamed into place.
+
+A stage folder counts as done only when it holds `manifest.json`, which is written last, inside the temp folder,
+just before the atomic rename. A process killed mid-stage leaves only a `.tmp-*` folder that is never read and is
+swept on the next write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from farense import __version__
+
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.json"
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_path(path: Path) -> str:
+    """Hash of a file's bytes, or of a folder's relative paths and file bytes (hidden files skipped)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        h.update(str(rel.as_posix()).encode() + b"\0" + sha256_file(f).encode() + b"\0")
+    return h.hexdigest()
+
+
+def hash_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stage_key(stage: str, inputs: dict[str, str], config: dict[str, Any], code_version: str) -> str:
+    """Key of a stage run: its inputs' content hashes, its config section and its code version."""
+    return hash_json({"stage": stage, "inputs": inputs, "config": config, "code": code_version})[:16]
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    stage: str
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+
+
+class ArtifactStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.stage_dir(stage) / key
+
+    def work_dir(self, stage: str, key: str) -> Path:
+        """Persistent scratch space of an unfinished stage run (training checkpoints live here)."""
+        return self.stage_dir(stage) / f".work-{key}"
+
+    def get(self, stage: str, key: str) -> StageRecord | None:
+        """The finished artifact for this key, or None. A folder without a readable manifest is not finished."""
+        path = self.path(stage, key)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+            return None
+        if manifest.get("key") != key:
+            return None
+        return StageRecord(stage, key, path, manifest)
+
+    def others(self, stage: str, key: str) -> list[StageRecord]:
+        """Finished artifacts of this stage under other keys (what `status` calls stale), newest first."""
+        found = []
+        stage_dir = self.stage_dir(stage)
+        if not stage_dir.is_dir():
+            return []
+        for p in stage_dir.iterdir():
+            if p.name.startswith(".") or p.name == key or not p.is_dir():
+                continue
+            rec = self.get(stage, p.name)
+            if rec is not None:
+                found.append(rec)
+        return sorted(found, key=lambda r: r.manifest.get("created_at", 0), reverse=True)
+
+    @contextmanager
+    def write(
+        self,
+        stage: str,
+        key: str,
+        *,
+        inputs: dict[str, str],
+        config: dict[str, Any],
+        code_version: str,
+        summary: dict[str, Any] | None = None,
+    ) -> Iterator[Path]:
+        """Yield a temp folder to fill; on success write config + manifest and rename it to `<stage>/<key>`.
+
+        `summary` may be mutated by the caller inside the block; it lands in the manifest.
+        """
+        stage_dir = self.stage_dir(stage)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        self._sweep_temp(stage_dir, key)
+        tmp = stage_dir / f".tmp-{key}-{os.getpid()}-{time.monotonic_ns()}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+            files = {
+                str(p.relative_to(tmp).as_posix()): {"bytes": p.stat().st_size}
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file()
+            }
+            manifest = {
+                "stage": stage,
+                "key": key,
+                "created_at": time.time(),
+                "farense_version": __version__,
+                "code_version": code_version,
+                "inputs": inputs,
+                "files": files,
+                "summary": summary or {},
+            }
+            _write_json_atomic(tmp / MANIFEST, manifest)
+            final = self.path(stage, key)
+            if final.exists():  # an unfinished leftover (no manifest): never read, replaced
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _sweep_temp(self, stage_dir: Path, key: str) -> None:
+        for p in stage_dir.glob(f".tmp-{key}-*"):
+            pid = _pid_of(p.name)
+            if pid is None or not _alive(pid):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def remove(self, stage: str, key: str) -> None:
+        shutil.rmtree(self.path(stage, key), ignore_errors=True)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    _write_json_atomic(Path(path), obj)
+
+
+def _pid_of(name: str) -> int | None:
+    parts = name.split("-")
+    try:
+        return int(parts[-2])
+    except (IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
