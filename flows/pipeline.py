@@ -1,0 +1,63 @@
+"""The `farense` flow (deployment `full-pipeline`) and one flow per stage for running stages alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from farense.config import STAGES, FarenseConfig, Stage
+from farense.errors import FarenseError
+from farense.pipeline import make_plan
+from farense.store import ArtifactStore
+from tasks.stages import stage_task
+
+
+def run_stages(config: FarenseConfig, until: Stage, only: Stage | None = None, fresh: bool = False) -> dict[str, str]:
+    """Submit the stage tasks in order, each given its upstream artifact paths."""
+    cfg = config.resolve_paths(Path.cwd())
+    plans = make_plan(cfg, only or until)
+    store = ArtifactStore(cfg.artifacts_dir)
+    paths: dict[str, str] = {}
+    for stage, plan in plans.items():
+        if only and stage != only:
+            record = store.get(stage, plan.key)
+            if record is None:
+                raise FarenseError(
+                    f"only={only}: upstream stage '{stage}' is not built for this config; run until={only} first"
+                )
+            paths[stage] = str(record.path)
+            continue
+        task = stage_task(stage, cfg, fresh=fresh)
+        paths[stage] = task(cfg, plan, {u: paths[u] for u in plan.upstream})
+    return paths
+
+
+@flow(name="farense", flow_run_name="farense-until-{until}", log_prints=True)
+def farense(
+    config: FarenseConfig = FarenseConfig(),
+    until: Stage = "export",
+    only: Stage | None = None,
+    fresh: bool = False,
+) -> dict[str, str]:
+    """Data → model → train → validate → benchmark → export, each stage cached by content."""
+    return run_stages(config, until, only, fresh)
+
+
+def _stage_flow(stage: Stage):  # noqa: ANN202 - a Prefect Flow
+    @flow(name=f"farense-{stage}", flow_run_name=f"{stage}", log_prints=True)
+    def stage_flow(config: FarenseConfig = FarenseConfig(), fresh: bool = False) -> dict[str, str]:
+        return run_stages(config, until=stage, fresh=fresh)
+
+    stage_flow.__doc__ = f"Run the pipeline up to the {stage} stage (upstream stages come from the cache)."
+    return stage_flow
+
+
+data_flow = _stage_flow("data")
+model_flow = _stage_flow("model")
+train_flow = _stage_flow("train")
+validate_flow = _stage_flow("validate")
+benchmark_flow = _stage_flow("benchmark")
+export_flow = _stage_flow("export")
+
+STAGE_FLOWS = dict(zip(STAGES, (data_flow, model_flow, train_flow, validate_flow, benchmark_flow, export_flow)))

@@ -1,0 +1,149 @@
+"""`farense`: run the pipeline, inspect its stages, validate data. Thin: the work lives in the library."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from farense.config import STAGES, FarenseConfig, load_config, parse_override
+from farense.errors import FarenseError
+
+DEFAULT_CONFIG = Path("farense.yaml")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+data_app = typer.Typer(no_args_is_help=True, help="Validate datasets.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+err = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="YAML config (default: ./farense.yaml when present)")
+]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", "-s", help="Override one field: section.field=value (repeatable)")
+]
+
+
+def _config(config: Path | None, overrides: list[str] | None) -> FarenseConfig:
+    path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    return load_config(path, dict(parse_override(o) for o in overrides or []))
+
+
+def _check_stage(name: str | None, option: str) -> None:
+    if name is not None and name not in STAGES:
+        raise typer.BadParameter(f"'{name}' is not a stage; choose from {', '.join(STAGES)}", param_hint=option)
+
+
+def offline_prefect_defaults() -> None:
+    """No telemetry, no update checks: this must work without internet."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_UI_SHOW_PROMOTIONAL_CONTENT", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    until: Annotated[str, typer.Option(help="Last stage to run")] = "export",
+    only: Annotated[Optional[str], typer.Option(help="Run this stage alone (upstream must be built)")] = None,
+    fresh: Annotated[bool, typer.Option(help="Rebuild the selected stages even when cached")] = False,
+) -> None:
+    """Run the pipeline locally as a Prefect flow (no server needed); cached stages are not redone."""
+    _check_stage(until, "--until")
+    _check_stage(only, "--only")
+    from farense.pipeline import stage_statuses
+
+    cfg = _config(config, set_)
+    statuses = stage_statuses(cfg, only or until)
+    wanted = [s for s in statuses if only is None or s.stage == only]
+    if not fresh and all(s.state == "done" for s in wanted):
+        _print_statuses(statuses, title="Every stage is cached: nothing to do")
+        return
+    offline_prefect_defaults()
+    from flows.pipeline import farense
+
+    paths = farense(config=cfg, until=until, only=only, fresh=fresh)
+    _print_statuses(stage_statuses(cfg, only or until), title="farense run finished")
+    if paths:
+        out.print_json(json.dumps(paths))
+
+
+@app.command()
+def status(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Show each stage: done / stale / missing, its key and artifact path."""
+    from farense.pipeline import stage_statuses
+
+    _print_statuses(stage_statuses(_config(config, set_)), title="farense stages")
+
+
+def _print_statuses(statuses: list[Any], title: str) -> None:
+    table = Table(title=title)
+    for col in ("stage", "state", "key", "path"):
+        table.add_column(col)
+    colors = {"done": "green", "stale": "yellow", "missing": "red"}
+    for s in statuses:
+        table.add_row(s.stage, f"[{colors[s.state]}]{s.state}[/]", s.key, str(s.path))
+    out.print(table)
+
+
+@data_app.command("validate")
+def data_validate(
+    path: Annotated[Path, typer.Argument(help="A JSONL file or a folder of JSONL files")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    max_line_bytes: Annotated[int, typer.Option(help="Longer lines are rejected")] = 1_000_000,
+) -> None:
+    """Validate a dataset without writing anything. Exit 0 if any example is valid, 1 if none, 2 if unreadable."""
+    from farense.data import validate_source
+
+    if not path.exists():
+        err.print(f"[red]error:[/] {path}: no such file or folder")
+        raise typer.Exit(2)
+    _, report = validate_source(path, max_line_bytes=max_line_bytes)
+    if as_json:
+        payload = {
+            "valid": report.valid,
+            "rejected": [{"file": r.file, "line": r.line, "reason": r.reason} for r in report.rejected],
+            "duplicates": report.duplicates,
+            "format": report.format,
+        }
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        for r in report.rejected:
+            err.print(f"{r.file}:{r.line}: {r.reason}", markup=False, highlight=False)
+        out.print(
+            f"{report.valid} valid ({report.format}), {len(report.rejected)} rejected, "
+            f"{report.duplicates} duplicates removed"
+        )
+    raise typer.Exit(0 if report.valid > 0 else 1)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None, schema: bool = False) -> None:
+    """Print the effective configuration (or its JSON schema with --schema)."""
+    if schema:
+        print(json.dumps(FarenseConfig.model_json_schema(), indent=2))
+        return
+    print(_config(config, set_).model_dump_json(indent=2))
+
+
+def main() -> None:
+    try:
+        app()
+    except FarenseError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The six stages as plain functions over paths, and a sequential runner that needs no Prefect.
+
+Each `run_<stage>` receives the config and a `StageContext` (upstream artifact folders, the temp output folder,
+a persistent work folder, a reporter) and returns the summary that goes into the stage manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from farense.config import STAGES, FarenseConfig
+from farense.pipeline import StagePlan, build_stage, make_plan
+from farense.progress import NullReporter, Reporter
+from farense.store import ArtifactStore
+
+
+@dataclass
+class StageContext:
+    upstream: dict[str, Path]
+    out_dir: Path
+    work_dir: Path
+    reporter: Reporter = field(default_factory=NullReporter)
+
+
+def run_data(cfg: FarenseConfig, ctx: StageContext) -> dict[str, Any]:
+    from farense.data import prepare_dataset
+
+    stats = prepare_dataset(cfg.data, ctx.out_dir)
+    ctx.reporter.table(
+        "data-stats",
+        [{"metric": k, "value": v} for k, v in _flatten(stats).items()],
+        "Dataset validation and split statistics",
+    )
+    return stats
+
+
+def run_model(cfg: FarenseConfig, ctx: StageContext) -> dict[str, Any]:
+    from farense.model import prepare_base_model
+
+    return prepare_base_model(cfg.model, ctx.out_dir, progress=ctx.reporter.progress)
+
+
+def run_train(cfg: FarenseConfig, ctx: StageContext) -> dict[str, Any]:
+    from farense.train import train_stage
+
+    return train_stage(cfg, ctx)
+
+
+def run_validate(cfg: FarenseConfig, ctx: StageContext) -> dict[str, Any]:
+    from farense.evaluate import validate_stage
+
+    return validate_stage(cfg, ctx)
+
+
+def run_benchmark(cfg: FarenseConfig, ctx: StageContext) -> dict[str, Any]:
+    from farense.benchmark import benchmark_stage
+
+    return benchmark_stage(cfg, ctx)
+
+
+def run_export(cfg: FarenseConfig, ctx: StageContext) -> dict[str, Any]:
+    from farense.export import export_stage
+
+    return export_stage(cfg, ctx)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[FarenseConfig, StageContext], dict[str, Any]]] = {
+    "data": run_data,
+    "model": run_model,
+    "train": run_train,
+    "validate": run_validate,
+    "benchmark": run_benchmark,
+    "export": run_export,
+}
+
+
+def execute_stage(
+    cfg: FarenseConfig,
+    sp: StagePlan,
+    upstream: dict[str, Path],
+    reporter: Reporter | None = None,
+) -> tuple[Path, bool]:
+    """Build one stage (or find it built). Returns its artifact folder and whether it was built now."""
+    store = ArtifactStore(cfg.artifacts_dir)
+    rep = reporter or NullReporter()
+
+    def produce(tmp: Path) -> dict[str, Any]:
+        start = time.perf_counter()
+        ctx = StageContext(upstream=upstream, out_dir=tmp, work_dir=store.work_dir(sp.stage, sp.key), reporter=rep)
+        summary = STAGE_FUNCTIONS[sp.stage](cfg, ctx)
+        summary["seconds"] = round(time.perf_counter() - start, 3)
+        return summary
+
+    record, built = build_stage(store, sp, cfg, produce)
+    return record.path, built
+
+
+def run_local(
+    cfg: FarenseConfig,
+    until: str = "export",
+    only: str | None = None,
+    fresh: bool = False,
+    reporter: Reporter | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run the stages in order without Prefect. Returns, per stage, its path and whether it was built."""
+    plans = make_plan(cfg, only or until)
+    store = ArtifactStore(cfg.artifacts_dir)
+    targets = [only] if only else list(plans)
+    results: dict[str, dict[str, Any]] = {}
+    paths: dict[str, Path] = {}
+    for stage in plans:
+        sp = plans[stage]
+        if stage not in targets:
+            rec = store.get(stage, sp.key)
+            if rec is None:
+                from farense.errors import FarenseError
+
+                raise FarenseError(
+                    f"--only {only}: upstream stage '{stage}' has no artifact for key {sp.key}; "
+                    f"run `farense run --until {only}` first"
+                )
+            paths[stage] = rec.path
+            continue
+        if fresh:
+            store.remove(stage, sp.key)
+        path, built = execute_stage(cfg, sp, {u: paths[u] for u in sp.upstream}, reporter)
+        paths[stage] = path
+        results[stage] = {"path": str(path), "key": sp.key, "built": built}
+    return results
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+__all__ = ["STAGES", "StageContext", "execute_stage", "run_local"]

@@ -1,0 +1,74 @@
+"""One Prefect task per stage. The cache key is the stage's content key, and the cached result lives inside the
+stage's own artifact folder, so deleting that folder also forgets the cache entry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem
+
+from farense.config import FarenseConfig
+from farense.pipeline import StagePlan
+from farense.stages import execute_stage
+from tasks.reporting import PrefectReporter
+
+RESULT_FILE = "prefect-result.json"
+
+
+class StageCachePolicy(CachePolicy):
+    """Key on the stage's content key (inputs + config section + code version), never on the run id."""
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        plan: StagePlan = inputs["plan"]
+        return f"{plan.stage}/{plan.key}/{RESULT_FILE}"
+
+
+def _run(config: FarenseConfig, plan: StagePlan, upstream: dict[str, str]) -> str:
+    reporter = PrefectReporter(plan.stage)
+    try:
+        path, built = execute_stage(config, plan, {k: Path(v) for k, v in upstream.items()}, reporter)
+    finally:
+        reporter.close()
+    reporter.log(f"{plan.stage}: {'built' if built else 'already complete'} at {path}")
+    return str(path)
+
+
+_COMMON: dict[str, Any] = dict(cache_policy=StageCachePolicy(), persist_result=True, result_serializer="json")
+
+# Bad data or a broken model source will not fix themselves: no retries there. Training resumes from its last
+# checkpoint, so one retry continues rather than restarts.
+data_task = task(name="data", retries=0, task_run_name="data-{plan.key}", **_COMMON)(_run)
+model_task = task(name="model", retries=2, retry_delay_seconds=[5, 15], task_run_name="model-{plan.key}", **_COMMON)(
+    _run
+)
+train_task = task(name="train", retries=1, retry_delay_seconds=5, task_run_name="train-{plan.key}", **_COMMON)(_run)
+validate_task = task(name="validate", retries=1, task_run_name="validate-{plan.key}", **_COMMON)(_run)
+benchmark_task = task(name="benchmark", retries=1, task_run_name="benchmark-{plan.key}", **_COMMON)(_run)
+export_task = task(name="export", retries=0, task_run_name="export-{plan.key}", **_COMMON)(_run)
+
+STAGE_TASKS = {
+    "data": data_task,
+    "model": model_task,
+    "train": train_task,
+    "validate": validate_task,
+    "benchmark": benchmark_task,
+    "export": export_task,
+}
+
+
+def stage_task(stage: str, config: FarenseConfig, fresh: bool = False):  # noqa: ANN201 - a Prefect Task
+    """The stage's task, storing its cached result under the artifacts folder of this config."""
+    return STAGE_TASKS[stage].with_options(
+        result_storage=LocalFileSystem(basepath=str(config.artifacts_dir)),
+        refresh_cache=fresh or None,
+    )
