@@ -6,6 +6,7 @@ a persistent work folder, a reporter) and returns the summary that goes into the
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,6 +97,8 @@ def execute_stage(
         return summary
 
     record, built = build_stage(store, sp, cfg, produce)
+    if built:  # only now is the scratch state (training checkpoints) no longer needed
+        shutil.rmtree(store.work_dir(sp.stage, sp.key), ignore_errors=True)
     return record.path, built
 
 

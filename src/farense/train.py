@@ -1,0 +1,557 @@
+"""QLoRA training on mlx-lm's pieces: model loading, LoRA layers, chat/text tokenization with prompt masking.
+
+What is ours is the loop and its state: a data order derived from (seed, epoch), checkpoints that resume to the
+same adapter an uninterrupted run reaches, NaN/OOM/Ctrl-C handling, and a callback protocol that lets the task layer
+show progress without the trainer knowing about Prefect.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import farense  # noqa: F401  (preloads OpenBLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import psutil
+from mlx.utils import tree_flatten, tree_map
+
+from farense.checkpoint import (
+    TrainState,
+    find_resumable,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from farense.config import LORA_TARGET_MODULES, FarenseConfig, TrainConfig
+from farense.errors import TrainingError
+from farense.store import hash_json
+
+METRIC_FIELDS = (
+    "kind", "step", "epoch", "loss", "learning_rate", "tokens_per_s", "trained_tokens", "rss_gb", "peak_gb",
+    "seconds",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------- reports and callbacks
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    learning_rate: float
+    tokens_per_s: float
+    trained_tokens: int
+    rss_gb: float
+    peak_gb: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ValReport:
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    best_loss: float
+    seconds: float
+
+
+class TrainingCallback(Protocol):
+    def on_train_report(self, report: TrainReport) -> None: ...
+
+    def on_val_report(self, report: ValReport) -> None: ...
+
+    def on_checkpoint(self, path: Path, state: TrainState) -> None: ...
+
+
+class MetricsFile:
+    """Appends reports to a CSV that later stages plot; on resume, rows after the resumed step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        rows = []
+        if path.exists() and resume_step > 0:
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def _append(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=METRIC_FIELDS).writerow({k: row.get(k, "") for k in METRIC_FIELDS})
+
+    def on_train_report(self, report: TrainReport) -> None:
+        self._append({"kind": "train", **asdict(report)})
+
+    def on_val_report(self, report: ValReport) -> None:
+        self._append({"kind": "valid", **asdict(report)})
+
+    def on_checkpoint(self, path: Path, state: TrainState) -> None:
+        pass
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    with open(path, newline="") as f:
+        return [
+            {k: (float(v) if k not in ("kind",) and v != "" else v) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, mask_prompt: bool) -> list[tuple[list[int], int]]:
+    """(tokens, prompt_offset) per row, with mlx-lm's own chat/text processing."""
+    from mlx_lm.tuner.datasets import ChatDataset, TextDataset
+
+    chat = ChatDataset([], tokenizer, mask_prompt=mask_prompt)
+    text = TextDataset([], tokenizer)
+    return [chat.process(r) if "messages" in r else text.process(r) for r in rows]
+
+
+class BatchOrder:
+    """Fixed batches of similar length (as mlx-lm groups them); their order is a permutation seeded by
+    (seed, epoch), so any micro-batch index maps to the same batch in every run, interrupted or not."""
+
+    def __init__(self, examples: Sequence[tuple[list[int], int]], batch_size: int, seed: int) -> None:
+        if len(examples) < batch_size:
+            raise TrainingError(
+                f"the training split has {len(examples)} examples, fewer than train.batch_size={batch_size}; "
+                "lower train.batch_size or add data"
+            )
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+        self.batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        self.seed = seed
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def batch_at(self, micro_index: int) -> tuple[int, int, list[int]]:
+        epoch, offset = divmod(micro_index, len(self.batches))
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.batches))}
+        return epoch, offset, self.batches[int(self._perm_cache[epoch][offset])]
+
+
+def collate(
+    examples: Sequence[tuple[list[int], int]], indices: Sequence[int], max_seq_length: int
+) -> tuple[mx.array, mx.array]:
+    """Pad to a multiple of 32 (plus one for the shifted targets), truncate to max_seq_length; as mlx-lm does."""
+    seqs = [examples[i][0] for i in indices]
+    offsets = [examples[i][1] for i in indices]
+    lengths = [min(len(s), max_seq_length) for s in seqs]
+    width = min(1 + 32 * ((max(lengths) + 31) // 32), max_seq_length)
+    arr = np.zeros((len(seqs), width), np.int32)
+    for j, s in enumerate(seqs):
+        arr[j, : lengths[j]] = s[: lengths[j]]
+    return mx.array(arr), mx.array(list(zip(offsets, lengths)))
+
+
+def loss_fn(model: nn.Module, batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+    from mlx_lm.tuner.trainer import default_loss
+
+    return default_loss(model, batch, lengths)
+
+
+def evaluate(
+    model: nn.Module, examples: Sequence[tuple[list[int], int]], batch_size: int, max_seq_length: int,
+    max_batches: int = -1,
+) -> float:  # fmt: skip
+    """Token-weighted mean loss over the validation examples, in a fixed order."""
+    if not examples:
+        return float("nan")
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if max_batches > 0:
+        chunks = chunks[:max_batches]
+    total, tokens = mx.array(0.0), mx.array(0)
+    was_training = model.training
+    model.eval()
+    for chunk in chunks:
+        loss, ntoks = loss_fn(model, *collate(examples, chunk, max_seq_length))
+        total, tokens = total + loss * ntoks, tokens + ntoks
+        mx.eval(total, tokens)
+    if was_training:
+        model.train()
+    return (total / mx.maximum(tokens, 1)).item()
+
+
+# ---------------------------------------------------------------- model
+
+
+def load_for_training(model_dir: Path, tcfg: TrainConfig) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Load the 4-bit base, choose the compute path, add LoRA layers; only the adapters are trainable."""
+    from mlx_lm.tuner.trainer import grad_checkpoint
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load
+
+    from farense.compute import apply_compute_path, select_compute_path
+
+    model, tokenizer = load(str(model_dir))
+    model.freeze()
+    path = select_compute_path(tcfg.compute_path)
+    compute = apply_compute_path(model, path)
+    linear_to_lora_layers(model, tcfg.lora_layers, lora_parameters(tcfg))
+    if tcfg.grad_checkpoint:
+        grad_checkpoint(model.layers[0])
+    mx.eval(model.parameters())
+    return model, tokenizer, {"compute_path": path, **compute}
+
+
+def lora_parameters(tcfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "rank": tcfg.lora_rank,
+        "scale": tcfg.lora_scale,
+        "dropout": tcfg.lora_dropout,
+        "keys": [LORA_TARGET_MODULES[t] for t in tcfg.lora_targets],
+    }
+
+
+def adapter_config(cfg: FarenseConfig, num_layers: int) -> dict[str, Any]:
+    """The `adapter_config.json` stock mlx-lm reads (`mlx_lm.generate --adapter-path`, `mlx_lm.fuse`)."""
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": num_layers if cfg.train.lora_layers < 0 else cfg.train.lora_layers,
+        "lora_parameters": lora_parameters(cfg.train),
+        "model": str(cfg.model.source),
+    }
+
+
+def build_optimizer(tcfg: TrainConfig, total_steps: int) -> optim.Optimizer:
+    """AdamW, linear warm-up then cosine decay to a tenth of the peak (schedules count optimizer steps)."""
+    lr = tcfg.learning_rate
+    warmup = min(tcfg.warmup_steps, max(total_steps - 1, 0))
+    decay = optim.cosine_decay(lr, max(total_steps - warmup, 1), end=lr * 0.1)
+    schedule = optim.join_schedules([optim.linear_schedule(lr * 1e-3, lr, warmup), decay], [warmup]) if warmup else decay
+    return optim.AdamW(learning_rate=schedule, weight_decay=tcfg.weight_decay)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def estimate_memory_bytes(model: nn.Module, batch: int, seq: int, args: Any, grad_checkpoint: bool) -> int:
+    """Weights + adapters with AdamW moments + activations (a Korthikanti-style per-layer estimate) + logits."""
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    hidden = getattr(args, "hidden_size", 512)
+    layers = getattr(args, "num_hidden_layers", len(getattr(model, "layers", [])) or 1)
+    heads = getattr(args, "num_attention_heads", 8)
+    vocab = getattr(args, "vocab_size", 32000)
+    per_layer = batch * seq * (34 * hidden + 5 * heads * seq) * 2
+    activations = per_layer * (1 if grad_checkpoint else layers)
+    logits = 3 * batch * seq * vocab * 4
+    return int(weights + 3 * trainable + activations + logits)
+
+
+def memory_budget_bytes() -> int:
+    """What this process may use: free RAM on CPU, the recommended working set on a GPU."""
+    try:
+        if mx.default_device() == mx.gpu:
+            info = mx.device_info()
+            if "max_recommended_working_set_size" in info:
+                return int(info["max_recommended_working_set_size"])
+            if "memory_size" in info:
+                return int(info["memory_size"] * 0.9)
+    except (AttributeError, RuntimeError):
+        pass
+    return int(psutil.virtual_memory().available * 0.85)
+
+
+def fit_batch(
+    estimate: Any, batch: int, accum: int, budget: int
+) -> tuple[int, int, str | None]:  # estimate: Callable[[int], int]
+    """Halve the batch and double accumulation until the estimate fits. Returns (batch, accum, message)."""
+    b, a = batch, accum
+    while b > 1 and estimate(b) > budget:
+        b, a = b // 2, a * 2 if b % 2 == 0 else math.ceil(a * b / (b // 2))
+    if (b, a) == (batch, accum):
+        return b, a, None
+    return b, a, (
+        f"estimated {estimate(batch) / 1e9:.1f} GB for batch {batch} exceeds the {budget / 1e9:.1f} GB available: "
+        f"training with batch {b} x accumulation {a} (effective batch {b * a}, was {batch * accum})"
+    )
+
+
+def oom_message(tcfg: TrainConfig, error: BaseException) -> str:
+    return (
+        f"out of memory while training ({error}). Lower train.batch_size (now {tcfg.batch_size}) and raise "
+        f"train.grad_accumulation to keep the effective batch, lower train.max_seq_length (now "
+        f"{tcfg.max_seq_length}), or set train.grad_checkpoint=true"
+    )
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class TrainingInterrupted(TrainingError):
+    exit_code = 130
+
+
+@dataclass
+class LoopResult:
+    state: TrainState
+    seconds: float
+    tokens_per_s: float
+    peak_gb: float
+
+
+def train_loop(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    train_set: Sequence[tuple[list[int], int]],
+    valid_set: Sequence[tuple[list[int], int]],
+    tcfg: TrainConfig,
+    state: TrainState,
+    callbacks: Sequence[TrainingCallback] = (),
+    checkpoint_dir: Path | None = None,
+) -> LoopResult:
+    """Run optimizer steps from `state.step` to `state.total_steps`. `model`/`optimizer` already hold the state
+    of `state.step` (fresh, or loaded from a checkpoint)."""
+    order = BatchOrder(train_set, state.batch_size, tcfg.seed)
+    accum = state.grad_accumulation
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    compiled_state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
+    def micro_step(batch: mx.array, lengths: mx.array, prev_grad: Any) -> tuple[mx.array, mx.array, Any]:
+        (loss, ntoks), grad = loss_and_grad(model, batch, lengths)
+        if prev_grad is not None:
+            grad = tree_map(lambda x, y: x + y, grad, prev_grad)
+        return loss, ntoks, grad
+
+    @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
+    def apply_update(grad: Any) -> None:
+        optimizer.update(model, tree_map(lambda g: g / accum, grad) if accum > 1 else grad)
+
+    def val_report(seconds_start: float) -> None:
+        vloss = evaluate(model, valid_set, state.batch_size, tcfg.max_seq_length, tcfg.max_eval_batches)
+        if state.best_val_loss is None or vloss < state.best_val_loss:
+            state.best_val_loss, state.best_step = vloss, state.step
+        rep = ValReport(state.step, state.total_steps, state.epoch, vloss, state.best_val_loss,
+                        time.perf_counter() - seconds_start)  # fmt: skip
+        for cb in callbacks:
+            cb.on_val_report(rep)
+
+    def checkpoint() -> None:
+        if checkpoint_dir is None:
+            return
+        path = save_checkpoint(checkpoint_dir, model, optimizer, state)
+        prune_checkpoints(checkpoint_dir, tcfg.keep_checkpoints, state.best_step)
+        for cb in callbacks:
+            cb.on_checkpoint(path, state)
+
+    model.train()
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    window_start, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+    run_tokens = 0
+    if state.step == 0 and valid_set:
+        val_report(start)
+    try:
+        while state.step < state.total_steps:
+            grad = None
+            step_tokens = 0
+            for k in range(accum):
+                micro = state.step * accum + k
+                epoch, offset, idx = order.batch_at(micro)
+                mx.random.seed(rng_seed(tcfg.seed, micro))  # dropout noise is a function of the position
+                batch, lengths = collate(train_set, idx, tcfg.max_seq_length)
+                loss, ntoks, grad = micro_step(batch, lengths, grad)
+                mx.eval(loss, ntoks, grad)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise TrainingError(
+                        f"loss became {loss_value} at step {state.step + 1} (epoch {epoch}, batch {offset}); "
+                        f"kept the last good checkpoint. Lower train.learning_rate (now {tcfg.learning_rate}) "
+                        "or check the data"
+                    )
+                step_tokens += int(lengths[:, 1].sum().item())
+                window_loss += loss_value
+                window_n += 1
+            apply_update(grad)
+            mx.eval(model.state, optimizer.state)
+            state.step += 1
+            next_epoch, next_offset, _ = order.batch_at(state.step * accum)
+            state.epoch, state.batch_in_epoch = next_epoch, next_offset
+            state.trained_tokens += step_tokens
+            window_tokens += step_tokens
+            run_tokens += step_tokens
+
+            if state.step % tcfg.log_every == 0 or state.step == state.total_steps:
+                now = time.perf_counter()
+                rep = TrainReport(
+                    step=state.step,
+                    total_steps=state.total_steps,
+                    epoch=state.epoch,
+                    loss=window_loss / max(window_n, 1),
+                    learning_rate=float(optimizer.learning_rate.item()),
+                    tokens_per_s=window_tokens / max(now - window_start, 1e-9),
+                    trained_tokens=state.trained_tokens,
+                    rss_gb=psutil.Process().memory_info().rss / 1e9,
+                    peak_gb=mx.get_peak_memory() / 1e9,
+                    seconds=now - start,
+                )
+                for cb in callbacks:
+                    cb.on_train_report(rep)
+                window_start, window_tokens, window_loss, window_n = now, 0, 0.0, 0
+            if valid_set and (state.step % tcfg.eval_every == 0 or state.step == state.total_steps):
+                val_report(start)
+            if state.step % tcfg.save_every == 0 or state.step == state.total_steps:
+                checkpoint()
+    except KeyboardInterrupt:
+        # The optimizer step in flight is dropped: the checkpoint holds the last completed step exactly.
+        checkpoint()
+        raise TrainingInterrupted(
+            f"interrupted at step {state.step}/{state.total_steps}; checkpoint saved, rerun to continue"
+        ) from None
+    except RuntimeError as e:
+        if "memory" in str(e).lower() or "alloc" in str(e).lower():
+            raise TrainingError(oom_message(tcfg, e)) from None
+        raise
+    seconds = time.perf_counter() - start
+    return LoopResult(state, seconds, run_tokens / max(seconds, 1e-9), mx.get_peak_memory() / 1e9)
+
+
+def rng_seed(seed: int, micro_batch: int) -> int:
+    return (seed * 1_000_003 + micro_batch) % (2**63)
+
+
+def steps_for(tcfg: TrainConfig, n_batches: int, accum: int) -> int:
+    if tcfg.max_steps is not None:
+        return tcfg.max_steps
+    return max(1, (tcfg.epochs * n_batches) // accum)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def train_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
+    """Train adapters on the data stage's splits over the model stage's 4-bit base, resuming from ctx.work_dir."""
+    from farense.blas import blas_status, warn_if_slow_blas
+
+    tcfg = cfg.train
+    data_dir, model_dir = ctx.upstream["data"], ctx.upstream["model"]
+    reporter = ctx.reporter
+    work = Path(ctx.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = work / "checkpoints"
+
+    mx.random.seed(tcfg.seed)
+    model, tokenizer, compute = load_for_training(model_dir, tcfg)
+    if compute["compute_path"] != "quantized" and mx.default_device() == mx.cpu:
+        warn_if_slow_blas()
+    train_set = tokenize_rows(load_jsonl(data_dir / "train.jsonl"), tokenizer, tcfg.mask_prompt)
+    valid_set = tokenize_rows(load_jsonl(data_dir / "valid.jsonl"), tokenizer, tcfg.mask_prompt)
+
+    resume_from, problems = find_resumable(ckpt_dir)
+    for line in problems:
+        reporter.log(line)
+    config_hash = hash_json(cfg.section("train"))
+    memory_note = None
+    if resume_from is not None:
+        from farense.checkpoint import read_state
+
+        saved = read_state(resume_from)
+        batch, accum = saved.batch_size, saved.grad_accumulation
+    else:
+        batch, accum = tcfg.batch_size, tcfg.grad_accumulation
+        if tcfg.auto_fit_memory:
+            est = partial(estimate_memory_bytes, model, seq=tcfg.max_seq_length, args=getattr(model, "args", None),
+                          grad_checkpoint=tcfg.grad_checkpoint)  # fmt: skip
+            batch, accum, memory_note = fit_batch(lambda b: est(b), batch, accum, memory_budget_bytes())
+            if memory_note:
+                reporter.log(memory_note)
+
+    n_batches = len(BatchOrder(train_set, batch, tcfg.seed))
+    total = steps_for(tcfg, n_batches, accum)
+    optimizer = build_optimizer(tcfg, total)
+    optimizer.init(model.trainable_parameters())
+    state = TrainState(total_steps=total, batch_size=batch, grad_accumulation=accum, config_hash=config_hash)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer)
+        if state.config_hash != config_hash:
+            raise TrainingError(f"{resume_from}: checkpoint was made with another train config; delete {work}")
+        reporter.log(f"train: resuming from {resume_from.name} (step {state.step}/{state.total_steps})")
+
+    metrics = MetricsFile(work / "metrics.csv", state.step)
+    callbacks: list[TrainingCallback] = [metrics, ReporterCallback(reporter)]
+    result = train_loop(model, optimizer, train_set, valid_set, tcfg, state, callbacks, ckpt_dir)
+
+    out = Path(ctx.out_dir)
+    mx.save_safetensors(str(out / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    num_layers = len(model.layers)
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config(cfg, num_layers), indent=2))
+    best = ckpt_dir / f"step-{state.best_step:06d}" if state.best_step else None
+    if best is not None and best.is_dir():
+        shutil.copy(best / "adapters.safetensors", out / "best_adapters.safetensors")
+    shutil.copy(work / "metrics.csv", out / "metrics.csv")
+    summary = {
+        "steps": state.step,
+        "total_steps": state.total_steps,
+        "epochs_seen": state.epoch + state.batch_in_epoch / max(n_batches, 1),
+        "batch_size": batch,
+        "grad_accumulation": accum,
+        "memory_adjustment": memory_note,
+        "train_examples": len(train_set),
+        "valid_examples": len(valid_set),
+        "trained_tokens": state.trained_tokens,
+        "best_val_loss": state.best_val_loss,
+        "best_step": state.best_step,
+        "tokens_per_s": round(result.tokens_per_s, 2),
+        "peak_gb": round(result.peak_gb, 3),
+        "resumed_from_step": None if resume_from is None else int(resume_from.name.split("-")[1]),
+        "blas": blas_status(),
+        "device": str(mx.default_device()),
+        **compute,
+    }
+    (out / "training_state.json").write_text(json.dumps(asdict(state) | {"summary": summary}, indent=2))
+    reporter.table(
+        "train-summary", [{"metric": k, "value": str(v)} for k, v in summary.items()], "Training run summary"
+    )
+    return summary
+
+
+class ReporterCallback:
+    """Turns training reports into progress bars (terminal) and progress artifacts (Prefect UI)."""
+
+    def __init__(self, reporter: Any) -> None:
+        self.reporter = reporter
+        self.rows: list[dict[str, Any]] = []
+
+    def on_train_report(self, r: TrainReport) -> None:
+        self.reporter.progress(
+            f"train: step {r.step}/{r.total_steps} loss {r.loss:.3f} {r.tokens_per_s:.0f} tok/s "
+            f"rss {r.rss_gb:.2f} GB peak {r.peak_gb:.2f} GB",
+            r.step / max(r.total_steps, 1),
+        )
+
+    def on_val_report(self, r: ValReport) -> None:
+        self.rows.append({"step": r.step, "val_loss": round(r.loss, 4), "best": round(r.best_loss, 4)})
+        self.reporter.log(f"train: step {r.step} validation loss {r.loss:.4f} (best {r.best_loss:.4f})")
+
+    def on_checkpoint(self, path: Path, state: TrainState) -> None:
+        self.reporter.log(f"train: checkpoint {path.name}")
+
