@@ -131,6 +131,14 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, mask_prompt: b
     return [chat.process(r) if "messages" in r else text.process(r) for r in rows]
 
 
+def drop_unlearnable(
+    examples: list[tuple[list[int], int]], max_seq_length: int
+) -> tuple[list[tuple[list[int], int]], int]:
+    """Drop examples whose answer starts beyond the truncation point: they would give a 0/0 loss."""
+    kept = [e for e in examples if e[1] < min(len(e[0]), max_seq_length) - 1]
+    return kept, len(examples) - len(kept)
+
+
 class BatchOrder:
     """Fixed batches of similar length (as mlx-lm groups them); their order is a permutation seeded by
     (seed, epoch), so any micro-batch index maps to the same batch in every run, interrupted or not."""
@@ -358,6 +366,12 @@ def train_loop(
     def checkpoint() -> None:
         if checkpoint_dir is None:
             return
+        finite = all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters()))
+        if not finite:
+            raise TrainingError(
+                f"adapter weights became NaN or inf at step {state.step}; not saved, kept the last good checkpoint. "
+                f"Lower train.learning_rate (now {tcfg.learning_rate}) or check the data"
+            )
         path = save_checkpoint(checkpoint_dir, model, optimizer, state)
         prune_checkpoints(checkpoint_dir, tcfg.keep_checkpoints, state.best_step)
         for cb in callbacks:
@@ -463,8 +477,17 @@ def train_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     model, tokenizer, compute = load_for_training(model_dir, tcfg)
     if compute["compute_path"] != "quantized" and mx.default_device() == mx.cpu:
         warn_if_slow_blas()
-    train_set = tokenize_rows(load_jsonl(data_dir / "train.jsonl"), tokenizer, tcfg.mask_prompt)
-    valid_set = tokenize_rows(load_jsonl(data_dir / "valid.jsonl"), tokenizer, tcfg.mask_prompt)
+    train_set, skipped_train = drop_unlearnable(
+        tokenize_rows(load_jsonl(data_dir / "train.jsonl"), tokenizer, tcfg.mask_prompt), tcfg.max_seq_length
+    )
+    valid_set, skipped_valid = drop_unlearnable(
+        tokenize_rows(load_jsonl(data_dir / "valid.jsonl"), tokenizer, tcfg.mask_prompt), tcfg.max_seq_length
+    )
+    if skipped_train or skipped_valid:
+        reporter.log(
+            f"train: skipped {skipped_train} train and {skipped_valid} valid examples whose prompt fills "
+            f"train.max_seq_length={tcfg.max_seq_length} (no answer token left to learn); raise it to keep them"
+        )
 
     resume_from, problems = find_resumable(ckpt_dir)
     for line in problems:
@@ -516,6 +539,7 @@ def train_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         "grad_accumulation": accum,
         "memory_adjustment": memory_note,
         "train_examples": len(train_set),
+        "skipped_too_long": skipped_train + skipped_valid,
         "valid_examples": len(valid_set),
         "trained_tokens": state.trained_tokens,
         "best_val_loss": state.best_val_loss,
