@@ -354,12 +354,17 @@ def train_loop(
     def apply_update(grad: Any) -> None:
         optimizer.update(model, tree_map(lambda g: g / accum, grad) if accum > 1 else grad)
 
+    eval_seconds = 0.0
+
     def val_report(seconds_start: float) -> None:
+        nonlocal eval_seconds
+        t0 = time.perf_counter()
         vloss = evaluate(model, valid_set, state.batch_size, tcfg.max_seq_length, tcfg.max_eval_batches)
         if state.best_val_loss is None or vloss < state.best_val_loss:
             state.best_val_loss, state.best_step = vloss, state.step
         rep = ValReport(state.step, state.total_steps, state.epoch, vloss, state.best_val_loss,
                         time.perf_counter() - seconds_start)  # fmt: skip
+        eval_seconds += time.perf_counter() - t0
         for cb in callbacks:
             cb.on_val_report(rep)
 
@@ -446,7 +451,9 @@ def train_loop(
             raise TrainingError(oom_message(tcfg, e)) from None
         raise
     seconds = time.perf_counter() - start
-    return LoopResult(state, seconds, run_tokens / max(seconds, 1e-9), mx.get_peak_memory() / 1e9)
+    # Tokens per second of training: validation passes are excluded, checkpoints and callbacks are not.
+    train_seconds = max(seconds - eval_seconds, 1e-9)
+    return LoopResult(state, seconds, run_tokens / train_seconds, mx.get_peak_memory() / 1e9)
 
 
 def rng_seed(seed: int, micro_batch: int) -> int:

@@ -1,0 +1,120 @@
+"""Training speed on this machine, as JSON lines (a benchmark, not a test).
+
+    python benchmarks/train_speed.py                       # embedded SmolLM2, all measurements
+    python benchmarks/train_speed.py --only windows --paths quantized,dequantized
+
+Measurements:
+  windows: the bare loop on fixed batches of `batch x seq` tokens cut from the sample data (no padding, no prompt
+           mask), per compute path; this is the "batch 4 x 128" figure.
+  loop:    the bare loop (no callbacks, no checkpoints, no validation) on the data stage's chat split.
+  stage:   the pipeline's train stage on the same split and config (callbacks, metrics file, checkpoints).
+Tokens/s counts non-padding tokens per second of loop time; peak_gb is MLX's peak, rss_gb the process RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+import farense  # noqa: E402,F401  (OpenBLAS before mlx)
+import mlx.core as mx  # noqa: E402
+import psutil  # noqa: E402
+
+from farense.blas import blas_status  # noqa: E402
+from farense.checkpoint import TrainState  # noqa: E402
+from farense.config import load_config  # noqa: E402
+from farense.progress import NullReporter  # noqa: E402
+from farense.stages import StageContext, run_local  # noqa: E402
+from farense.train import (  # noqa: E402
+    build_optimizer,
+    drop_unlearnable,
+    load_for_training,
+    load_jsonl,
+    tokenize_rows,
+    train_loop,
+    train_stage,
+)
+
+
+def emit(**row: object) -> None:
+    row |= {"machine": platform.machine(), "blas": blas_status(), "mlx": mx.__version__}
+    print(json.dumps(row), flush=True)
+
+
+def windows(tokens: list[int], seq: int, count: int) -> list[tuple[list[int], int]]:
+    return [(tokens[i * seq : (i + 1) * seq + 1], 0) for i in range(count)]
+
+
+def bare_loop(cfg, model_dir: Path, examples_fn, steps: int, path: str, label: str) -> None:  # noqa: ANN001
+    tcfg = cfg.train.model_copy(update={"compute_path": path, "max_steps": steps + 1})
+    mx.random.seed(tcfg.seed)
+    model, tokenizer, compute = load_for_training(model_dir, tcfg)
+    examples = examples_fn(tokenizer, tcfg)
+    optimizer = build_optimizer(tcfg, steps + 1)
+    state = TrainState(total_steps=1, batch_size=tcfg.batch_size, grad_accumulation=tcfg.grad_accumulation)
+    train_loop(model, optimizer, examples, [], tcfg, state)  # warm-up step (compilation)
+    state.total_steps = steps + 1
+    result = train_loop(model, optimizer, examples, [], tcfg, state)
+    emit(measure=label, compute_path=compute["compute_path"], steps=steps, batch=tcfg.batch_size,
+         seq=tcfg.max_seq_length, tokens_per_s=round(result.tokens_per_s, 1), seconds=round(result.seconds, 2),
+         peak_gb=round(result.peak_gb, 3), rss_gb=round(psutil.Process().memory_info().rss / 1e9, 3))  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=None)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--paths", default="dequantized,quantized", help="compute paths for `windows`")
+    ap.add_argument("--only", choices=["windows", "loop", "stage"], default=None)
+    args = ap.parse_args()
+
+    overrides = {"train.batch_size": args.batch, "train.grad_accumulation": 1, "train.max_seq_length": args.seq,
+                 "train.max_steps": args.steps, "train.eval_every": 10**6, "train.save_every": 10**6,
+                 "train.log_every": 10**6, "train.warmup_steps": 0}  # fmt: skip
+    cfg = load_config(args.config, overrides, root=ROOT)
+    built = run_local(cfg, until="model")
+    data_dir, model_dir = Path(built["data"]["path"]), Path(built["model"]["path"])
+
+    def stream_windows(tokenizer, tcfg):  # noqa: ANN001, ANN202
+        rows = load_jsonl(data_dir / "train.jsonl")
+        stream = [t for toks, _ in tokenize_rows(rows, tokenizer, mask_prompt=False) for t in toks]
+        return windows(stream, tcfg.max_seq_length, len(stream) // (tcfg.max_seq_length + 1))
+
+    def chat_split(tokenizer, tcfg):  # noqa: ANN001, ANN202
+        rows = tokenize_rows(load_jsonl(data_dir / "train.jsonl"), tokenizer, tcfg.mask_prompt)
+        return drop_unlearnable(rows, tcfg.max_seq_length)[0]
+
+    if args.only in (None, "windows"):
+        for path in args.paths.split(","):
+            steps = args.steps if path != "quantized" else max(2, args.steps // 4)  # the native CPU path is slow
+            bare_loop(cfg, model_dir, stream_windows, steps, path, "windows")
+    if args.only in (None, "loop"):
+        bare_loop(cfg, model_dir, chat_split, args.steps, cfg.train.compute_path, "loop")
+    if args.only in (None, "stage"):
+        # Same config as `loop`, plus what the stage adds: metrics file, progress callbacks, checkpoint at the end,
+        # validation at the start and end. One warm-up step first, as for the loop.
+        stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": args.steps + 1})})
+        with tempfile.TemporaryDirectory() as tmp:
+            ctx = StageContext(upstream={"data": data_dir, "model": model_dir}, out_dir=Path(tmp) / "out",
+                               work_dir=Path(tmp) / "work", reporter=NullReporter())  # fmt: skip
+            ctx.out_dir.mkdir()
+            start = time.perf_counter()
+            summary = train_stage(stage_cfg, ctx)
+            wall = time.perf_counter() - start
+        emit(measure="stage", compute_path=summary["compute_path"], steps=summary["steps"], batch=args.batch,
+             seq=args.seq, tokens_per_s=summary["tokens_per_s"], stage_wall_s=round(wall, 2),
+             peak_gb=summary["peak_gb"])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
