@@ -104,6 +104,9 @@ class EvalConfig(Section):
     max_tokens: int = Field(64, ge=1, description="Greedy answer length for held-out questions")
     max_questions: int = Field(-1, description="-1 for all held-out questions")
     max_batches: int = Field(-1, description="Validation batches for loss/perplexity; -1 for all")
+    adapter: Literal["best", "final"] = Field(
+        "best", description="Adapter to validate and export: lowest validation loss (best) or last step (final)"
+    )
 
 
 class BenchmarkConfig(Section):

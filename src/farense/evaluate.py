@@ -1,0 +1,370 @@
+"""Validation stage: is the tuned adapter better than the base model, measured on data it did not train on.
+
+Two measures, each for base and tuned: the loss (and perplexity) on the validation split, computed exactly as the
+trainer computes it, and greedy answers to the held-out questions scored by token F1 against reference answers.
+The adapter evaluated is copied into this stage's folder and loaded with mlx-lm's own adapter loader, so what is
+measured is what `mlx_lm.generate --adapter-path` and the export stage will serve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import farense  # noqa: F401  (preloads OpenBLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+
+from farense.config import FarenseConfig
+from farense.errors import DataError, FarenseError
+from farense.store import sha256_file
+
+ADAPTER_DIR = "adapter"
+ADAPTER_FILE = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+METRICS_FILE = "metrics.json"
+ANSWERS_FILE = "answers.jsonl"
+ANSWERS_MD = "answers.md"
+
+# Articles carry no content; SQuAD drops the English ones, we drop the Portuguese ones too.
+_ARTICLES = frozenset({"o", "a", "os", "as", "um", "uma", "uns", "umas", "the", "an"})
+_NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def normalize_words(text: str) -> list[str]:
+    """Lower case, accents and punctuation removed, articles dropped: "O Estádio São Luís!" -> [estadio, sao, luis]."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    plain = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return [w for w in _NON_WORD.sub(" ", plain).replace("_", " ").split() if w not in _ARTICLES]
+
+
+def token_f1(prediction: str, reference: str) -> dict[str, float]:
+    """SQuAD-style word overlap of a prediction with a reference: precision, recall, F1 and exact match."""
+    pred, ref = normalize_words(prediction), normalize_words(reference)
+    exact = float(pred == ref)
+    if not pred or not ref:
+        same = float(pred == ref)
+        return {"f1": same, "precision": same, "recall": same, "exact": exact}
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return {"f1": 0.0, "precision": 0.0, "recall": 0.0, "exact": exact}
+    precision, recall = common / len(pred), common / len(ref)
+    return {"f1": 2 * precision * recall / (precision + recall), "precision": precision, "recall": recall,
+            "exact": exact}  # fmt: skip
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def load_jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove the line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def load_questions(path: Path, limit: int = -1) -> list[dict[str, str]]:
+    """Held-out questions: one {"question", "reference"} object per line."""
+    questions = []
+    for n, row in enumerate(load_jsonl_rows(path), 1):
+        for name in ("question", "reference"):
+            if not isinstance(row.get(name), str) or not row[name].strip():
+                raise DataError(f"{path}: question {n}: field '{name}' must be a non-empty string")
+        questions.append({"id": str(row.get("id", n)), "question": row["question"], "reference": row["reference"]})
+    return questions[:limit] if limit > 0 else questions
+
+
+def most_common_system_prompt(rows: Sequence[dict[str, Any]]) -> str | None:
+    """The system message the training data uses most, so questions are asked the way the model was taught."""
+    counts = Counter(
+        m["content"]
+        for r in rows
+        for m in r.get("messages", [])[:1]
+        if isinstance(m, dict) and m.get("role") == "system" and isinstance(m.get("content"), str)
+    )
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def chat_prompt(tokenizer: Any, question: str, system_prompt: str | None) -> list[int]:
+    """Token ids of the question in the chat template, ending where the assistant's answer starts."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": question}
+    ]
+    if getattr(tokenizer, "has_chat_template", False):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+    text = (f"{system_prompt}\n\n" if system_prompt else "") + question + "\n"
+    return list(tokenizer.encode(text))
+
+
+# ---------------------------------------------------------------- models
+
+
+def load_base(model_dir: Path, compute_path: str = "auto") -> tuple[nn.Module, Any, dict[str, Any]]:
+    """The 4-bit base with the compute path applied (dense matmuls on CPU, where quantized ones are slow)."""
+    from mlx_lm.utils import load
+
+    from farense.compute import apply_compute_path, select_compute_path
+
+    model, tokenizer = load(str(model_dir))
+    path = select_compute_path(compute_path)
+    info = apply_compute_path(model, path)
+    model.eval()
+    return model, tokenizer, {"compute_path": path, **info}
+
+
+def attach_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """Add the adapter with mlx-lm's loader (the code path of `--adapter-path`)."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    model = load_adapters(model, str(adapter_dir))
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def select_adapter(train_dir: Path, dest: Path, which: str) -> dict[str, Any]:
+    """Copy the trained adapter to `dest` in mlx-lm's layout; `which` is "best" (lowest validation loss) or
+    "final". "best" falls back to the final adapter when training never validated."""
+    best = train_dir / "best_adapters.safetensors"
+    source = best if which == "best" and best.is_file() else train_dir / ADAPTER_FILE
+    if not source.is_file():
+        raise FarenseError(f"{train_dir}: no {source.name}; the train stage output is incomplete, rerun it")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, dest / ADAPTER_FILE)
+    shutil.copyfile(train_dir / ADAPTER_CONFIG, dest / ADAPTER_CONFIG)
+    return {"file": source.name, "sha256": sha256_file(dest / ADAPTER_FILE), "bytes": (dest / ADAPTER_FILE).stat().st_size}
+
+
+# ---------------------------------------------------------------- measures
+
+
+def validation_loss(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: FarenseConfig) -> dict[str, Any]:
+    """Token-weighted loss over the validation split, with the trainer's tokenization, masking and truncation."""
+    from farense.train import drop_unlearnable, evaluate, tokenize_rows
+
+    examples, skipped = drop_unlearnable(
+        tokenize_rows(rows, tokenizer, cfg.train.mask_prompt), cfg.train.max_seq_length
+    )
+    start = time.perf_counter()
+    loss = evaluate(model, examples, cfg.train.batch_size, cfg.train.max_seq_length, cfg.eval.max_batches)
+    return {
+        "val_loss": loss,
+        "perplexity": math.exp(loss) if math.isfinite(loss) and loss < 700 else float("inf"),
+        "examples": len(examples),
+        "skipped_too_long": skipped,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: int
+    prompt_tokens: int
+    seconds: float
+    finish_reason: str | None
+
+
+def generate_answer(model: nn.Module, tokenizer: Any, prompt: list[int], max_tokens: int) -> Answer:
+    """Greedy decoding (mlx-lm's default sampler is argmax), stopping at the end-of-turn token or max_tokens."""
+    from mlx_lm.generate import stream_generate
+
+    start = time.perf_counter()
+    text, last = [], None
+    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+        text.append(response.text)
+        last = response
+    seconds = time.perf_counter() - start
+    if last is None:
+        return Answer("", 0, len(prompt), seconds, None)
+    return Answer("".join(text).strip(), last.generation_tokens, last.prompt_tokens, seconds, last.finish_reason)
+
+
+def answer_questions(
+    model: nn.Module,
+    tokenizer: Any,
+    questions: Sequence[dict[str, str]],
+    system_prompt: str | None,
+    max_tokens: int,
+    on_answer: Callable[[int], None] = lambda i: None,
+) -> list[dict[str, Any]]:
+    out = []
+    for i, q in enumerate(questions):
+        a = generate_answer(model, tokenizer, chat_prompt(tokenizer, q["question"], system_prompt), max_tokens)
+        out.append({"answer": a.text, **token_f1(a.text, q["reference"]), **{k: v for k, v in asdict(a).items() if k != "text"}})
+        on_answer(i + 1)
+    return out
+
+
+def qa_summary(scored: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    n = len(scored)
+    if n == 0:
+        return {"qa_f1": None, "qa_recall": None, "qa_exact": None, "answer_tokens": None}
+    mean = lambda k: sum(s[k] for s in scored) / n  # noqa: E731
+    return {
+        "qa_f1": mean("f1"),
+        "qa_precision": mean("precision"),
+        "qa_recall": mean("recall"),
+        "qa_exact": mean("exact"),
+        "answer_tokens": mean("tokens"),
+        "answer_seconds": mean("seconds"),
+    }
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def validate_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
+    """Evaluate base and tuned on the validation split and the held-out questions; write metrics and answers."""
+    data_dir, model_dir, train_dir = (Path(ctx.upstream[s]) for s in ("data", "model", "train"))
+    out, reporter = Path(ctx.out_dir), ctx.reporter
+    adapter = select_adapter(train_dir, out / ADAPTER_DIR, cfg.eval.adapter)
+
+    valid_rows = load_jsonl_rows(data_dir / "valid.jsonl")
+    system_prompt = most_common_system_prompt(load_jsonl_rows(data_dir / "train.jsonl"))
+    qpath = cfg.data.eval_questions
+    questions = load_questions(qpath, cfg.eval.max_questions) if qpath.is_file() else []
+    if not questions:
+        reporter.log(f"validate: no held-out questions at {qpath}; only the validation loss is measured")
+
+    steps = 2 * (1 + len(questions))
+    done = 0
+
+    def tick(label: str) -> None:
+        nonlocal done
+        done += 1
+        reporter.progress(f"validate: {label}", done / steps)
+
+    model, tokenizer, compute = load_base(model_dir, cfg.train.compute_path)
+    results: dict[str, dict[str, Any]] = {}
+    answers: dict[str, list[dict[str, Any]]] = {}
+    for name in ("base", "tuned"):
+        if name == "tuned":
+            model = attach_adapter(model, out / ADAPTER_DIR)
+        loss = validation_loss(model, tokenizer, valid_rows, cfg)
+        tick(f"{name} validation loss {loss['val_loss']:.4f}")
+        answers[name] = answer_questions(
+            model, tokenizer, questions, system_prompt, cfg.eval.max_tokens,
+            on_answer=lambda i, n=name: tick(f"{n} answered {i}/{len(questions)}"),
+        )  # fmt: skip
+        results[name] = {**loss, **qa_summary(answers[name])}
+        reporter.log(
+            f"validate: {name}: val loss {loss['val_loss']:.4f} (ppl {results[name]['perplexity']:.2f})"
+            + (f", Q&A F1 {results[name]['qa_f1']:.3f}" if questions else "")
+        )
+    del model
+    mx.clear_cache()
+
+    rows = [
+        {
+            "id": q["id"],
+            "question": q["question"],
+            "reference": q["reference"],
+            "base_answer": b["answer"],
+            "tuned_answer": t["answer"],
+            "base_f1": round(b["f1"], 4),
+            "tuned_f1": round(t["f1"], 4),
+            "base_tokens": b["tokens"],
+            "tuned_tokens": t["tokens"],
+        }
+        for q, b, t in zip(questions, answers["base"], answers["tuned"])
+    ]
+    with open(out / ANSWERS_FILE, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    markdown = answers_markdown(rows, results)
+    (out / ANSWERS_MD).write_text(markdown, encoding="utf-8")
+
+    base, tuned = results["base"], results["tuned"]
+    metrics = {
+        "base": base,
+        "tuned": tuned,
+        "delta": {
+            "val_loss": tuned["val_loss"] - base["val_loss"],
+            "qa_f1": None if base["qa_f1"] is None else tuned["qa_f1"] - base["qa_f1"],
+        },
+        "tuned_beats_base": tuned["val_loss"] < base["val_loss"],
+        "adapter": adapter,
+        "system_prompt": system_prompt,
+        "questions": len(questions),
+        "max_tokens": cfg.eval.max_tokens,
+        # What the numbers were measured on: metrics of two runs compare only when these match.
+        "valid_sha256": sha256_file(data_dir / "valid.jsonl"),
+        "questions_sha256": sha256_file(qpath) if questions else None,
+        "compute": compute,
+    }
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+
+    reporter.markdown("validate-answers", markdown, "Held-out questions: base vs tuned answers")
+    reporter.table("validate-metrics", metric_rows(results), "Validation loss, perplexity and Q&A score")
+    return {
+        "base_val_loss": base["val_loss"],
+        "tuned_val_loss": tuned["val_loss"],
+        "base_perplexity": base["perplexity"],
+        "tuned_perplexity": tuned["perplexity"],
+        "base_qa_f1": base["qa_f1"],
+        "tuned_qa_f1": tuned["qa_f1"],
+        "tuned_beats_base": metrics["tuned_beats_base"],
+        "questions": len(questions),
+        "adapter_file": adapter["file"],
+        "compute_path": compute["compute_path"],
+    }
+
+
+def metric_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    names = ("val_loss", "perplexity", "qa_f1", "qa_recall", "qa_exact", "answer_tokens")
+    return [
+        {"metric": k, **{m: (None if results[m].get(k) is None else round(results[m][k], 4)) for m in results}}
+        for k in names
+    ]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def answers_markdown(rows: Sequence[dict[str, Any]], results: dict[str, dict[str, Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    lines = [
+        "# Validation: base vs tuned",
+        "",
+        "| metric | base | tuned |",
+        "|---|---|---|",
+        *(f"| {r['metric']} | {fmt(r['base'])} | {fmt(r['tuned'])} |" for r in metric_rows(results)),
+        "",
+    ]
+    if rows:
+        lines += [
+            f"## Held-out questions ({len(rows)})",
+            "",
+            "| # | question | reference | base answer | tuned answer | F1 base | F1 tuned |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['id']} | {_cell(r['question'])} | {_cell(r['reference'])} | {_cell(r['base_answer'])} | "
+            f"{_cell(r['tuned_answer'])} | {r['base_f1']:.2f} | {r['tuned_f1']:.2f} |"
+            for r in rows
+        ]
+    return "\n".join(lines) + "\n"
