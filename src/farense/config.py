@@ -109,11 +109,24 @@ class EvalConfig(Section):
     )
 
 
+BenchmarkMode = Literal["lora", "qlora-recompute", "qlora-native"]
+
+
 class BenchmarkConfig(Section):
     enabled: bool = True
+    train_modes: list[BenchmarkMode] = Field(
+        default_factory=lambda: ["lora", "qlora-recompute", "qlora-native"],
+        description="lora: dense (dequantized) base; qlora-recompute: 4-bit base dequantized per matmul; "
+        "qlora-native: MLX's quantized matmul (about 20x slower on CPU: see native_train_steps)",
+    )
     train_steps: int = Field(6, ge=1, description="Timed optimizer steps per mode")
-    warmup_steps: int = Field(2, ge=0)
-    generation_tokens: int = Field(32, ge=1)
+    warmup_steps: int = Field(2, ge=0, description="Untimed steps before them (compilation, first allocations)")
+    native_train_steps: int = Field(1, ge=0, description="Timed steps for qlora-native; 0 skips that mode")
+    batch_size: int = Field(2, ge=1, description="Micro-batch of the timed runs (no accumulation)")
+    max_seq_length: int = Field(256, ge=8, description="Truncation of the timed runs' examples")
+    generation_tokens: int = Field(32, ge=1, description="Tokens generated per timed generation run")
+    native_generation: bool = Field(True, description="Also time generation on the 4-bit quantized matmul path")
+    measure_dense_size: bool = Field(True, description="Save a dequantized base to scratch space to measure it")
 
 
 class ExportConfig(Section):
