@@ -131,7 +131,15 @@ class BenchmarkConfig(Section):
 
 class ExportConfig(Section):
     fuse: bool = Field(False, description="Also write a fused model with mlx-lm's fuse")
+    fuse_dequantize: bool = Field(False, description="Fuse into a dense model (fast CPU serving, 4-8x the size)")
+    publish: bool = Field(True, description="Point artifacts/published/latest at this export when it passes the gate")
     quality_gate: bool = Field(True, description="Publish only when the tuned model beats base and current")
+    gate_f1_tolerance: float = Field(
+        0.0, ge=0, description="How far the Q&A F1 may fall below the published adapter's and still publish"
+    )
+    gate_loss_tolerance: float = Field(
+        0.0, ge=0, description="How far the validation loss may rise above the published adapter's and still publish"
+    )
 
 
 class FarenseConfig(Section):

@@ -99,6 +99,10 @@ def execute_stage(
     record, built = build_stage(store, sp, cfg, produce)
     if built:  # only now is the scratch state (training checkpoints) no longer needed
         shutil.rmtree(store.work_dir(sp.stage, sp.key), ignore_errors=True)
+    if sp.stage == "export":  # after the commit: `latest` may only ever point at a complete export
+        from farense.export import publish
+
+        publish(cfg, record.path, rep)
     return record.path, built
 
 
