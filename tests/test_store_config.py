@@ -26,8 +26,8 @@ def test_written_stage_has_manifest_and_config(tmp_path: Path) -> None:
     path = write_one(store, "k1")
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["key"] == "k1" and manifest["inputs"] == {"a": "1"} and manifest["summary"] == {"n": 1}
-    assert set(manifest["files"]) == {"out.txt", "config.json"}
-    assert json.loads((path / "config.json").read_text()) == {"c": 1}
+    assert set(manifest["files"]) == {"out.txt", "farense_config.json"}
+    assert json.loads((path / "farense_config.json").read_text()) == {"c": 1}
     assert store.get("data", "k1") is not None
 
 

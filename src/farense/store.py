@@ -21,7 +21,7 @@ from typing import Any
 from farense import __version__
 
 MANIFEST = "manifest.json"
-CONFIG_FILE = "config.json"
+CONFIG_FILE = "farense_config.json"  # not config.json: model folders need that name
 _CHUNK = 1 << 20
 
 
