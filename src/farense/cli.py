@@ -128,6 +128,22 @@ def data_validate(
     raise typer.Exit(0 if report.valid > 0 else 1)
 
 
+@app.command()
+def ask(
+    prompt: Annotated[Optional[str], typer.Argument(help="The question")] = None,
+    stdin: Annotated[
+        bool, typer.Option("--stdin", help='Answer stdin lines ({"prompt": ...}, a JSON string or text), one JSON line each')
+    ] = False,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer")] = 256,
+    artifacts: Annotated[Optional[Path], typer.Option(help="Artifacts root (default: the config's artifacts_dir)")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Answer with the published adapter; stdout carries only JSON (what the chatbot backend spawns)."""
+    from farense.answer import ask_command
+
+    raise typer.Exit(ask_command(prompt, stdin, max_tokens, artifacts, config))
+
+
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, set_: SetOpt = None, schema: bool = False) -> None:
     """Print the effective configuration (or its JSON schema with --schema)."""
