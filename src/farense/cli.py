@@ -14,6 +14,7 @@ from rich.table import Table
 
 from farense.config import STAGES, FarenseConfig, load_config, parse_override
 from farense.errors import FarenseError
+from farense.server import server_app
 
 DEFAULT_CONFIG = Path("farense.yaml")
 
@@ -22,6 +23,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Validate datasets.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+app.add_typer(server_app, name="server")
 
 err = Console(stderr=True)
 out = Console()
@@ -122,8 +124,13 @@ def data_validate(
         for r in report.rejected:
             err.print(f"{r.file}:{r.line}: {r.reason}", markup=False, highlight=False)
         out.print(
-            f"{report.valid} valid ({report.format}), {len(report.rejected)} rejected, "
+            f"{report.valid} valid ({report.format}: {report.per_format}), {len(report.rejected)} rejected, "
             f"{report.duplicates} duplicates removed"
+        )
+    if "text" in report.per_format and len(report.per_format) > 1:
+        err.print(
+            "[yellow]warning:[/] text rows are mixed with chat/completions rows; mlx-lm trains one format per file, "
+            "so the data stage will refuse this mix: split them into separate datasets"
         )
     raise typer.Exit(0 if report.valid > 0 else 1)
 
