@@ -9,7 +9,6 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
-from prefect.filesystems import LocalFileSystem
 
 from farense.config import FarenseConfig
 from farense.pipeline import StagePlan
@@ -68,7 +67,8 @@ STAGE_TASKS = {
 
 def stage_task(stage: str, config: FarenseConfig, fresh: bool = False):  # noqa: ANN201 - a Prefect Task
     """The stage's task, storing its cached result under the artifacts folder of this config."""
+    # A Path, not an unsaved LocalFileSystem block: Prefect refuses blocks that are not saved on the server.
     return STAGE_TASKS[stage].with_options(
-        result_storage=LocalFileSystem(basepath=str(config.artifacts_dir)),
+        result_storage=Path(config.artifacts_dir),
         refresh_cache=fresh or None,
     )
