@@ -28,6 +28,8 @@ def run_stages(config: FarenseConfig, until: Stage, only: Stage | None = None, f
                 )
             paths[stage] = str(record.path)
             continue
+        if fresh:  # as in run_local: refresh_cache alone reruns the task, which then finds the artifact built
+            store.remove(stage, plan.key)
         task = stage_task(stage, cfg, fresh=fresh)
         paths[stage] = task(cfg, plan, {u: paths[u] for u in plan.upstream})
     return paths

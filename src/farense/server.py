@@ -237,14 +237,16 @@ def _prefect_cli() -> list[str]:
     return [sys.executable, "-m", "prefect"]
 
 
-def deploy_all(url: str, project_root: Path = PROJECT_ROOT) -> None:
-    """`prefect deploy --all` from the project root: its path is what the deployments' pull step records."""
+def deploy(url: str, project_root: Path = PROJECT_ROOT, names: list[str] | None = None) -> None:
+    """`prefect deploy --all` (or `--name` each of `names`) from the project root: its path is what the
+    deployments' pull step records."""
+    which = [arg for name in names for arg in ("--name", name)] if names else ["--all"]
     proc = subprocess.run(
-        [*_prefect_cli(), "--no-prompt", "deploy", "--all"],
+        [*_prefect_cli(), "--no-prompt", "deploy", *which],
         cwd=project_root, env=prefect_env(url), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     if proc.returncode != 0:
-        raise ServerError(f"prefect deploy --all failed in {project_root}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        raise ServerError(f"prefect deploy failed in {project_root}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,7 @@ def up(
     project_root: Path = PROJECT_ROOT,
     files: ServerFiles | None = None,
     timeout: float = 180.0,
-    deploy: bool = True,
+    deployments: list[str] | None = None,
 ) -> UpReport:
     """Server (reused when ours is already running), pools, deployments, one worker per pool."""
     files = files or ServerFiles.for_prefect_home()
@@ -293,8 +295,7 @@ def up(
     for pool in pools:
         ensure_work_pool(url, pool)
     started = time.monotonic()
-    if deploy:
-        deploy_all(url, project_root)
+    deploy(url, project_root, deployments)
     deploy_seconds = time.monotonic() - started
 
     started = time.monotonic()
@@ -341,14 +342,17 @@ def up_command(
     port: PortOpt = DEFAULT_PORT,
     project: Annotated[Optional[Path], typer.Option(help="Folder holding prefect.yaml")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each process to be ready")] = 180.0,
+    deployment: Annotated[
+        Optional[list[str]], typer.Option("--deployment", "-d", help="Deploy only this prefect.yaml deployment (e.g. data; repeatable)")
+    ] = None,
 ) -> None:
     """Start the Prefect server, create the work pool, deploy every flow, start a worker: one step."""
     root = (project or PROJECT_ROOT).resolve()
-    report = up(host, port, root, timeout=timeout)
+    report = up(host, port, root, timeout=timeout, deployments=deployment)
     files = ServerFiles.for_prefect_home()
     server = "already running" if report.reused_server else f"started in {report.server_seconds:.1f} s"
     typer.echo(f"server   {report.url} ({server}); logs in {files.state_dir}")
-    typer.echo(f"deployed prefect.yaml from {root} in {report.deploy_seconds:.1f} s")
+    typer.echo(f"deployed {', '.join(deployment or ['prefect.yaml'])} from {root} in {report.deploy_seconds:.1f} s")
     typer.echo(f"worker   on {', '.join(work_pools(root))} (ready in {report.worker_seconds:.1f} s)")
     typer.echo(f"UI       {report.ui}")
     typer.echo("In other shells, point Prefect at this server:")

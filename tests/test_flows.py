@@ -1,0 +1,126 @@
+"""The flows under Prefect's test harness: task states Cached on a rerun, a deleted artifact rebuilt, fresh=True
+rebuilding; prefect.yaml matching the flows; the parameter schema the server enforces."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+from prefect.utilities.callables import parameter_schema
+from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+from farense.config import STAGES, FarenseConfig
+from farense.server import work_pools
+from flows import pipeline
+from flows.pipeline import STAGE_FLOWS, farense
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def harness() -> Any:
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def task_states(flow_run_id: UUID, expected: int, timeout: float = 30.0) -> dict[str, str]:
+    """Stage -> state name of a flow run's task runs (written asynchronously from events: poll until all arrive)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        states = {r.name.split("-")[0]: r.state.name for r in runs if r.state and r.state.is_final()}
+        if len(states) >= expected or time.monotonic() > deadline:
+            return states
+        time.sleep(0.2)
+
+
+def run_flow(cfg: FarenseConfig, until: str, fresh: bool = False) -> dict[str, str]:
+    state = farense(config=cfg, until=until, fresh=fresh, return_state=True)
+    assert state.is_completed(), state.message
+    return task_states(state.state_details.flow_run_id, STAGES.index(until) + 1)
+
+
+def manifest_times(cfg: FarenseConfig, stages: list[str]) -> dict[str, float]:
+    return {
+        s: json.loads(next((cfg.artifacts_dir / s).glob("*/manifest.json")).read_text())["created_at"]
+        for s in stages
+    }
+
+
+@pytest.fixture()
+def tiny_config(tiny_inputs: Any, tmp_path: Path) -> FarenseConfig:
+    return FarenseConfig.model_validate(tiny_inputs.config(tmp_path / "artifacts"))
+
+
+def test_rerun_is_a_prefect_cache_hit(harness: Any, tiny_config: FarenseConfig) -> None:
+    assert run_flow(tiny_config, "model") == {"data": "Completed", "model": "Completed"}
+    # The cache record lives inside the stage artifact folder, keyed by the stage's content key.
+    for stage in ("data", "model"):
+        assert list((tiny_config.artifacts_dir / stage).glob("*/prefect-result.json"))
+    assert run_flow(tiny_config, "model") == {"data": "Cached", "model": "Cached"}
+
+
+def test_deleted_artifact_is_rebuilt_and_not_cached(harness: Any, tiny_config: FarenseConfig) -> None:
+    run_flow(tiny_config, "model")
+    before = manifest_times(tiny_config, ["data"])
+    shutil.rmtree(next((tiny_config.artifacts_dir / "model").glob("*/manifest.json")).parent)
+    assert run_flow(tiny_config, "model") == {"data": "Cached", "model": "Completed"}
+    assert manifest_times(tiny_config, ["data"]) == before
+    assert list((tiny_config.artifacts_dir / "model").glob("*/manifest.json"))
+
+
+def test_fresh_rebuilds_every_selected_stage(harness: Any, tiny_config: FarenseConfig) -> None:
+    run_flow(tiny_config, "model")
+    before = manifest_times(tiny_config, ["data", "model"])
+    assert run_flow(tiny_config, "model", fresh=True) == {"data": "Completed", "model": "Completed"}
+    after = manifest_times(tiny_config, ["data", "model"])
+    assert all(after[s] > before[s] for s in before), "fresh=True must rebuild the artifacts, not just rerun tasks"
+    assert run_flow(tiny_config, "model") == {"data": "Cached", "model": "Cached"}
+
+
+def test_stage_flow_reuses_the_pipeline_cache(harness: Any, tiny_config: FarenseConfig) -> None:
+    run_flow(tiny_config, "data")
+    state = STAGE_FLOWS["data"](config=tiny_config, return_state=True)
+    assert state.is_completed()
+    assert task_states(state.state_details.flow_run_id, 1) == {"data": "Cached"}
+
+
+# --- prefect.yaml --------------------------------------------------------------------------------------------
+
+
+def deployments() -> dict[str, dict[str, Any]]:
+    return {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+
+
+def test_prefect_yaml_deploys_every_flow() -> None:
+    deps = deployments()
+    assert deps["full-pipeline"]["entrypoint"] == "flows/pipeline.py:farense"
+    for stage, flow in STAGE_FLOWS.items():
+        module, name = deps[stage]["entrypoint"].split(":")
+        assert module == "flows/pipeline.py" and getattr(pipeline, name) is flow
+        assert flow.name == f"farense-{stage}"
+    assert all(d["enforce_parameter_schema"] is True for d in deps.values())
+    assert work_pools(ROOT) == ["farense-local"]
+    (schedule,) = deps["full-pipeline"]["schedules"]
+    assert (schedule["cron"], schedule["timezone"]) == ("0 3 * * *", "Europe/Lisbon")
+
+
+def test_parameter_schema_accepts_a_partial_config_and_refuses_a_wrong_type(tiny_inputs: Any, tmp_path: Path) -> None:
+    """What the server checks with enforce_parameter_schema before a run is created (the UI form uses it too)."""
+    schema = parameter_schema(farense).model_dump_for_openapi()
+    validate({"config": tiny_inputs.config(tmp_path), "until": "model"}, schema, raise_on_error=True)
+    validate({"config": {"train": {"epochs": 1}}}, schema, raise_on_error=True)
+    with pytest.raises(ValidationError, match="max_steps"):
+        validate({"config": {"train": {"max_steps": "four"}}}, schema, raise_on_error=True)
+    with pytest.raises(ValidationError, match="until"):
+        validate({"until": "deploy"}, schema, raise_on_error=True)
