@@ -1,11 +1,12 @@
 """Validation stage on a tiny model: scoring, system prompt, metrics and answer files, mlx-lm adapter format.
 
-Also holds the tiny pipeline the export, answer and benchmark tests share (`tiny_pipeline`): real stage code and
-real manifests from the train stage on, built once per test session.
+Also holds the tiny project the export, answer and benchmark tests share (`tiny_project`): a dataset, held-out
+questions and a small config over one tiny model per session, run through the real pipeline runner.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import tempfile
@@ -24,55 +25,9 @@ from farense.evaluate import (
     validate_stage,
 )
 from farense.errors import DataError
-from farense.pipeline import StagePlan, _section_for_key, build_stage, code_version
 from farense.progress import NullReporter
-from farense.stages import StageContext, execute_stage
-from farense.store import ArtifactStore, hash_path, stage_key
-
-try:
-    from tiny import write_tiny_mlx_model
-except ImportError:  # until tests/tiny.py lands
-
-    def write_tiny_mlx_model(out: Path) -> Path:
-        import json as _json
-
-        import mlx.core as mx
-        import mlx.nn as nn
-        from mlx_lm.models import llama
-        from mlx_lm.utils import save_config, save_model
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=400,
-            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-        tok.train_from_iterator(["O Farense foi fundado em 1910 em Faro.", "Estádio de São Luís", "preto e branco"] * 10, trainer)
-        tok.save(str(out / "tokenizer.json"))
-        template = (
-            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-        )
-        (out / "tokenizer_config.json").write_text(_json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "eos_token": "<|im_end|>",
-            "bos_token": "<|im_start|>", "pad_token": "<|endoftext|>",
-        }))  # fmt: skip
-        cfg = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                   vocab_size=tok.get_vocab_size(), tie_word_embeddings=True, rope_theta=10000.0)  # fmt: skip
-        mx.random.seed(0)
-        model = llama.Model(llama.ModelArgs(**cfg))
-        nn.quantize(model, group_size=32, bits=4)
-        cfg["quantization"] = {"group_size": 32, "bits": 4}
-        save_model(out, model)
-        save_config(cfg, out / "config.json")
-        return out
-
+from farense.stages import StageContext, run_local
+from tiny import write_tiny_mlx_model
 
 SYSTEM = "Assistente do Farense."
 
@@ -128,7 +83,7 @@ class RecordingReporter(NullReporter):
 
 
 class TinyProject:
-    """A data folder, a tiny model and questions under `root`, and the stage plans for a config over them."""
+    """A data folder, a tiny model and held-out questions under `root`, and a small config over them."""
 
     def __init__(self, root: Path, model_dir: Path, **overrides: Any) -> None:
         self.root = root
@@ -152,49 +107,10 @@ class TinyProject:
     def config(self, **more: Any) -> FarenseConfig:
         return load_config(None, self.overrides | more)
 
-    def plans(self, cfg: FarenseConfig) -> dict[str, StagePlan]:
-        """make_plan's keys, with this fixture's data and model stages standing in for the real ones."""
-        from farense.pipeline import UPSTREAM, source_inputs
-
-        plans: dict[str, StagePlan] = {}
-        for stage in ("data", "model", "train", "validate", "benchmark", "export"):
-            if stage == "benchmark" and not cfg.benchmark.enabled:
-                continue
-            if stage == "data":
-                inputs = {"dataset": hash_path(cfg.data.path)}
-            elif stage == "model":
-                inputs = {"source": "tiny:" + hash_path(self.model_dir)}
-            else:
-                inputs = source_inputs(cfg, stage)
-            inputs |= {u: plans[u].key for u in UPSTREAM[stage] if u in plans}
-            section = _section_for_key(cfg, stage)
-            version = code_version(stage)
-            plans[stage] = StagePlan(stage, stage_key(stage, inputs, section, version), inputs, section, version,
-                                     tuple(u for u in UPSTREAM[stage] if u in plans))  # fmt: skip
-        return plans
-
     def run(self, cfg: FarenseConfig | None = None, until: str = "export", reporter: Any = None) -> dict[str, Path]:
-        cfg = cfg or self.cfg
-        store = ArtifactStore(cfg.artifacts_dir)
-        paths: dict[str, Path] = {}
-        for stage, sp in self.plans(cfg).items():
-            if stage == "data":
-                paths[stage] = build_stage(store, sp, cfg, self._data)[0].path
-            elif stage == "model":
-                # The store writes its own config.json into stage folders, which would clobber the model's.
-                paths[stage] = self.model_dir
-            else:
-                paths[stage], _ = execute_stage(cfg, sp, {u: paths[u] for u in sp.upstream}, reporter)
-            if stage == until:
-                break
-        return paths
-
-    def _data(self, out: Path) -> dict[str, Any]:
-        rows = [json.loads(line) for line in (Path(self.overrides["data.path"]) / "qa.jsonl").read_text().splitlines()]
-        write_jsonl(out / "train.jsonl", rows[:16])
-        write_jsonl(out / "valid.jsonl", rows[16:])
-        return {"train": 16, "valid": len(rows) - 16}
-
+        """The real pipeline runner (data and model stages included); returns each stage's artifact folder."""
+        results = run_local(cfg or self.cfg, until=until, reporter=reporter)
+        return {stage: Path(r["path"]) for stage, r in results.items()}
 
 
 _SHARED: dict[str, Any] = {}
@@ -204,6 +120,7 @@ def shared_tiny_model() -> Path:
     """One tiny model per test session (the model, not the artifacts, is what is slow to make)."""
     if "model" not in _SHARED:
         root = Path(tempfile.mkdtemp(prefix="farense-tiny-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
         _SHARED["model"] = write_tiny_mlx_model(root / "model")
     return _SHARED["model"]
 

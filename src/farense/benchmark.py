@@ -66,17 +66,26 @@ def measure_training(cfg: FarenseConfig, model_dir: Path, train_set: list, mode:
     from farense.train import build_optimizer, lora_parameters, train_loop
 
     b = cfg.benchmark
-    steps = b.native_train_steps if mode == "qlora-native" else b.train_steps
-    warmup = min(b.warmup_steps, 1) if mode == "qlora-native" else b.warmup_steps
+    native = mode == "qlora-native"
+    # The native quantized matmul is so slow on CPU that its run is one short example per step, and its one
+    # timed step includes the graph compilation the other modes warm up for.
+    steps, warmup = (b.native_train_steps, 0) if native else (b.train_steps, b.warmup_steps)
+    batch, seq = (1, b.native_max_seq_length) if native else (b.batch_size, b.max_seq_length)
     total = warmup + steps
     tcfg = cfg.train.model_copy(update={
-        "compute_path": TRAIN_MODES[mode], "batch_size": b.batch_size, "grad_accumulation": 1,
-        "max_seq_length": b.max_seq_length, "max_steps": total, "log_every": 1, "eval_every": total + 1,
+        "compute_path": TRAIN_MODES[mode], "batch_size": batch, "grad_accumulation": 1,
+        "max_seq_length": seq, "max_steps": total, "log_every": 1, "eval_every": total + 1,
         "save_every": total + 1, "warmup_steps": 0, "grad_checkpoint": False,
     })  # fmt: skip
     model, _ = load(str(model_dir))
     model.freeze()
-    compute = apply_compute_path(model, TRAIN_MODES[mode])
+    on_cpu = mx.default_device() == mx.cpu
+    # float16/bfloat16 arithmetic is emulated on CPU (10-45x slower than float32): there every mode computes in
+    # float32, as the trainer's dequantized path does, so the modes differ only in how they hold the base weights.
+    compute = apply_compute_path(model, TRAIN_MODES[mode], dtype=mx.float32 if on_cpu else None)
+    if on_cpu:
+        model.apply(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a)
+        compute["dtype"] = "float32"
     # Seeded after the conversion (which may draw random numbers): every mode starts from the same adapter.
     mx.random.seed(tcfg.seed)
     linear_to_lora_layers(model, tcfg.lora_layers, lora_parameters(tcfg))
@@ -102,11 +111,13 @@ def measure_training(cfg: FarenseConfig, model_dir: Path, train_set: list, mode:
         "warmup_steps": warmup,
         "timed_steps": steps,
         "batch_size": tcfg.batch_size,
+        "max_seq_length": tcfg.max_seq_length,
         "tokens": int(timed_tokens),
         "seconds": round(timed_seconds, 3),
         "tokens_per_s": round(timed_tokens / max(timed_seconds, 1e-9), 2),
         "seconds_per_step": round(timed_seconds / max(steps, 1), 3),
         "peak_gb": round(result.peak_gb, 4),
+        "first_loss": round(reps[0].loss, 5),  # same adapter, same batch: equal across modes up to rounding
         "final_loss": round(reps[-1].loss, 5),
     }
 
@@ -159,11 +170,12 @@ def generation_rows(cfg: FarenseConfig, model_dir: Path, adapter_dir: Path, prom
     for path in paths:
         model, tokenizer, _ = load_base(model_dir, path)
         prompt = prompt_of(tokenizer)
+        dtype = _dense_dtype_name(model)
         for name in ("base", "tuned"):
             if name == "tuned":
                 model = attach_adapter(model, adapter_dir)
-            label = name if path == paths[0] else f"{name} ({path})"
-            rows.append({"label": label, "model": name, "compute_path": path,
+            label = name if path == paths[0] else f"{name} ({path}, {dtype})"
+            rows.append({"label": label, "model": name, "compute_path": path, "dtype": dtype,
                          **measure_generation(model, tokenizer, prompt, cfg.benchmark.generation_tokens)})  # fmt: skip
         del model
         _release()
@@ -171,6 +183,13 @@ def generation_rows(cfg: FarenseConfig, model_dir: Path, adapter_dir: Path, prom
 
 
 # ---------------------------------------------------------------- sizes
+
+
+def _dense_dtype_name(model: nn.Module) -> str:
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            return str(v.dtype).removeprefix("mlx.core.")
+    return "?"
 
 
 def folder_bytes(path: Path, suffix: str = "") -> int:

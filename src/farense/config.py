@@ -122,10 +122,15 @@ class BenchmarkConfig(Section):
     train_steps: int = Field(6, ge=1, description="Timed optimizer steps per mode")
     warmup_steps: int = Field(2, ge=0, description="Untimed steps before them (compilation, first allocations)")
     native_train_steps: int = Field(1, ge=0, description="Timed steps for qlora-native; 0 skips that mode")
+    native_max_seq_length: int = Field(
+        64, ge=8, description="qlora-native runs one example of at most this many tokens per step (it is slow on CPU)"
+    )
     batch_size: int = Field(2, ge=1, description="Micro-batch of the timed runs (no accumulation)")
     max_seq_length: int = Field(256, ge=8, description="Truncation of the timed runs' examples")
     generation_tokens: int = Field(32, ge=1, description="Tokens generated per timed generation run")
-    native_generation: bool = Field(True, description="Also time generation on the 4-bit quantized matmul path")
+    native_generation: bool = Field(
+        False, description="Also time generation on the 4-bit quantized path mlx_lm.server runs (minutes on CPU)"
+    )
     measure_dense_size: bool = Field(True, description="Save a dequantized base to scratch space to measure it")
 
 
