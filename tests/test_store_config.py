@@ -106,12 +106,14 @@ def test_unknown_and_invalid_fields_name_the_field(tmp_path: Path) -> None:
         parse_override("train.epochs")
 
 
-def test_yaml_then_overrides_and_relative_paths(tmp_path: Path) -> None:
+def test_yaml_then_overrides_and_relative_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path.parent)
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  epochs: 2\ndata:\n  path: mydata\n")
     cfg = load_config(f, dict([parse_override("train.lora_targets=[q, v]")]))
     assert cfg.train.epochs == 2 and cfg.train.lora_targets == ["q", "v"]
-    assert cfg.data.path == (tmp_path / "mydata").resolve()
+    assert cfg.data.path == (tmp_path.parent / "mydata").resolve(), "relative to where farense runs"
+    assert cfg.artifacts_dir == (tmp_path.parent / "artifacts").resolve()
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:

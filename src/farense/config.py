@@ -218,8 +218,9 @@ def load_config(
         cfg = FarenseConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, origin if not overrides else f"{origin} + overrides")) from None
-    base = root or (path.parent if path is not None else Path.cwd())
-    return cfg.resolve_paths(base.resolve())
+    # Relative paths mean the folder farense runs in (the project root; deployments start there too), not the
+    # config file's folder, so `--config configs/x.yaml` keeps data/farense and artifacts where they are.
+    return cfg.resolve_paths((root or Path.cwd()).resolve())
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
