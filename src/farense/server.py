@@ -7,6 +7,7 @@ API); this module only starts them in order, waits until each is ready, and reme
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ from farense.errors import FarenseError
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
+WILDCARD_HOSTS = ("0.0.0.0", "::")
 POOL_CONCURRENCY = 1  # one GPU (or one CPU box): runs queue rather than compete
 
 # No telemetry, no update checks, no marketing banners: the server, the UI and the worker work offline.
@@ -67,7 +69,15 @@ class ServerFiles:
 
 
 def api_url(host: str, port: int) -> str:
-    return f"http://{host}:{port}/api"
+    """The API address for this machine's clients (a server on every interface is reached on loopback)."""
+    return f"http://{'127.0.0.1' if host in WILDCARD_HOSTS else host}:{port}/api"
+
+
+def public_api_url(host: str, port: int) -> str:
+    """The API address the UI and workers on other hosts use (PREFECT_UI_API_URL when set, e.g. behind a proxy)."""
+    if os.environ.get("PREFECT_UI_API_URL"):
+        return os.environ["PREFECT_UI_API_URL"]
+    return f"http://{socket.gethostname() if host in WILDCARD_HOSTS else host}:{port}/api"
 
 
 def prefect_env(url: str) -> dict[str, str]:
@@ -191,7 +201,8 @@ def wait_until(check: Any, what: str, timeout: float, entry: dict[str, Any], int
     start = time.monotonic()
     while not check():
         if not _alive(entry):
-            raise ServerError(f"{what}: the process exited; its log {entry['log']} ends with:\n{_log_tail(Path(entry['log']))}")
+            log = Path(entry["log"])
+            raise ServerError(f"{what}: the process exited; its log {log} ends with:\n{_log_tail(log)}")
         if time.monotonic() - start > timeout:
             raise ServerError(f"{what}: not ready after {timeout:.0f} s; see {entry['log']}")
         time.sleep(interval)
@@ -252,7 +263,7 @@ def deploy(url: str, project_root: Path = PROJECT_ROOT, names: list[str] | None 
 @dataclass(frozen=True)
 class UpReport:
     url: str
-    ui: str
+    public_url: str
     server_seconds: float
     deploy_seconds: float
     worker_seconds: float
@@ -283,7 +294,7 @@ def up(
             raise ServerError(f"{host}:{port} is already in use by another program; pass --port")
         # host/port through the environment too: the UI reads its API address from these settings.
         server_env = env | {"PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port),
-                            "PREFECT_UI_API_URL": url}  # fmt: skip
+                            "PREFECT_UI_API_URL": public_api_url(host, port)}  # fmt: skip
         server = _spawn("server", [*_prefect_cli(), "--no-prompt", "server", "start", "--host", host,
                                    "--port", str(port)], server_env, files, project_root)  # fmt: skip
         server["url"] = url
@@ -310,8 +321,9 @@ def up(
         entry["name"] = name
         workers[pool] = entry
         _write_state(files, state)
-        wait_until(lambda: worker_online(url, pool, name), f"worker for pool '{pool}'", timeout, entry, interval=1.0)
-    return UpReport(url, url.removesuffix("/api"), server_seconds, deploy_seconds, time.monotonic() - started, reused)
+        ready = functools.partial(worker_online, url, pool, name)
+        wait_until(ready, f"worker for pool '{pool}'", timeout, entry, interval=1.0)
+    return UpReport(url, public_api_url(host, port), server_seconds, deploy_seconds, time.monotonic() - started, reused)
 
 
 def down(files: ServerFiles | None = None) -> list[str]:
@@ -343,7 +355,8 @@ def up_command(
     project: Annotated[Optional[Path], typer.Option(help="Folder holding prefect.yaml")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each process to be ready")] = 180.0,
     deployment: Annotated[
-        Optional[list[str]], typer.Option("--deployment", "-d", help="Deploy only this prefect.yaml deployment (e.g. data; repeatable)")
+        Optional[list[str]],
+        typer.Option("--deployment", "-d", help="Deploy only this prefect.yaml deployment (e.g. data; repeatable)"),
     ] = None,
 ) -> None:
     """Start the Prefect server, create the work pool, deploy every flow, start a worker: one step."""
@@ -354,9 +367,9 @@ def up_command(
     typer.echo(f"server   {report.url} ({server}); logs in {files.state_dir}")
     typer.echo(f"deployed {', '.join(deployment or ['prefect.yaml'])} from {root} in {report.deploy_seconds:.1f} s")
     typer.echo(f"worker   on {', '.join(work_pools(root))} (ready in {report.worker_seconds:.1f} s)")
-    typer.echo(f"UI       {report.ui}")
-    typer.echo("In other shells, point Prefect at this server:")
-    typer.echo(f"  export PREFECT_API_URL={report.url}")
+    typer.echo(f"UI       {report.public_url.removesuffix('/api')}")
+    typer.echo("In other shells (and on worker hosts), point Prefect at this server:")
+    typer.echo(f"  export PREFECT_API_URL={report.url if report.url == report.public_url else report.public_url}")
     typer.echo("  prefect deployment run farense/full-pipeline")
 
 
