@@ -45,15 +45,44 @@ def _run(config: FarenseConfig, plan: StagePlan, upstream: dict[str, str]) -> st
 _COMMON: dict[str, Any] = dict(cache_policy=StageCachePolicy(), persist_result=True, result_serializer="json")
 
 # Bad data or a broken model source will not fix themselves: no retries there. Training resumes from its last
-# checkpoint, so one retry continues rather than restarts.
-data_task = task(name="data", retries=0, task_run_name="data-{plan.key}", **_COMMON)(_run)
-model_task = task(name="model", retries=2, retry_delay_seconds=[5, 15], task_run_name="model-{plan.key}", **_COMMON)(
-    _run
-)
-train_task = task(name="train", retries=1, retry_delay_seconds=5, task_run_name="train-{plan.key}", **_COMMON)(_run)
-validate_task = task(name="validate", retries=1, task_run_name="validate-{plan.key}", **_COMMON)(_run)
-benchmark_task = task(name="benchmark", retries=1, task_run_name="benchmark-{plan.key}", **_COMMON)(_run)
-export_task = task(name="export", retries=0, task_run_name="export-{plan.key}", **_COMMON)(_run)
+# checkpoint, so a retry continues rather than restarts.
+
+
+@task(name="data", retries=0, task_run_name="data-{plan.key}", **_COMMON)
+def data_task(config: FarenseConfig, plan: StagePlan, upstream: dict[str, str]) -> str:
+    """Validate, deduplicate and split the dataset."""
+    return _run(config, plan, upstream)
+
+
+@task(name="model", retries=2, retry_delay_seconds=[5, 15], task_run_name="model-{plan.key}", **_COMMON)
+def model_task(config: FarenseConfig, plan: StagePlan, upstream: dict[str, str]) -> str:
+    """Fetch the base model and make it an MLX 4-bit model."""
+    return _run(config, plan, upstream)
+
+
+@task(name="train", retries=1, retry_delay_seconds=5, task_run_name="train-{plan.key}", **_COMMON)
+def train_task(config: FarenseConfig, plan: StagePlan, upstream: dict[str, str]) -> str:
+    """Train LoRA adapters on the 4-bit base, resuming from the last checkpoint."""
+    return _run(config, plan, upstream)
+
+
+@task(name="validate", retries=1, task_run_name="validate-{plan.key}", **_COMMON)
+def validate_task(config: FarenseConfig, plan: StagePlan, upstream: dict[str, str]) -> str:
+    """Validation loss, perplexity and held-out answers, base vs tuned."""
+    return _run(config, plan, upstream)
+
+
+@task(name="benchmark", retries=1, task_run_name="benchmark-{plan.key}", **_COMMON)
+def benchmark_task(config: FarenseConfig, plan: StagePlan, upstream: dict[str, str]) -> str:
+    """LoRA vs QLoRA and base vs tuned: speed, memory, size, quality."""
+    return _run(config, plan, upstream)
+
+
+@task(name="export", retries=0, task_run_name="export-{plan.key}", **_COMMON)
+def export_task(config: FarenseConfig, plan: StagePlan, upstream: dict[str, str]) -> str:
+    """Write the mlx-lm adapter with metadata and publish it behind the quality gate."""
+    return _run(config, plan, upstream)
+
 
 STAGE_TASKS = {
     "data": data_task,
