@@ -57,7 +57,7 @@ def plot_comparison(results: dict[str, Any], path: Path) -> Path:
     disk = results["disk"]
     quality = results["quality"]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=110)
-    t_labels = [r["mode"] for r in train]
+    t_labels = [f"{r['mode']}\n{r['batch_size']}x{r['max_seq_length']}" for r in train]  # the run's batch shape
     _bars(axes[0, 0], t_labels, [r["tokens_per_s"] for r in train], "Training throughput", "tokens/s")
     _bars(axes[0, 1], t_labels, [r["peak_gb"] for r in train], "Training peak memory", "GB")
     g_labels = [r["label"] for r in gen]
