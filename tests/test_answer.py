@@ -72,12 +72,13 @@ def test_stdin_batch_loads_once_and_answers_each_line(published: Path) -> None:
         json.dumps("Quais são as cores?"),
         json.dumps({"question": "wrong field", "id": 7}),
         "",
+        json.dumps({"prompt": "x", "max_tokens": 0}),
     ]
     proc = farense_ask("--stdin", "--artifacts", str(published), "--max-tokens", "4", stdin="\n".join(lines) + "\n")
     out = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [o["status"] for o in out] == ["ok", "ok", "ok", "error"]
+    assert [o["status"] for o in out] == ["ok", "ok", "ok", "error", "error"]
     assert out[0]["id"] == "a1" and out[0]["tokens"] <= 3 and out[2]["prompt"] == "Quais são as cores?"
-    assert "prompt" in out[3]["error"]
+    assert "prompt" in out[3]["error"] and out[3]["id"] == 7 and "max_tokens" in out[4]["error"]
     assert proc.returncode == 1  # one line failed
     assert proc.stderr.count("farense ask: loaded") == 1
 
@@ -105,6 +106,8 @@ def test_request_lines() -> None:
     assert parse_request('{"prompt": "x", "id": 3, "max_tokens": 9, "other": 1}') == ("x", {"id": 3, "max_tokens": 9})
     assert parse_request('"x"') == ("x", {})
     assert parse_request("texto simples") == ("texto simples", {})
+    assert parse_request('{"question": "x", "id": 1}') == (None, {"id": 1})
+    assert parse_request("[1, 2]") == (None, {})
 
 
 # ---------------------------------------------------------------- serving over HTTP (docs/serving.md)

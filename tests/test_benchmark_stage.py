@@ -66,9 +66,12 @@ def test_modes_and_sizes_follow_the_config(tmp_path: Path) -> None:
         "benchmark.train_modes": ["qlora-recompute", "qlora-native"], "benchmark.native_train_steps": 0,
         "benchmark.native_generation": False, "benchmark.measure_dense_size": False,
         "benchmark.train_steps": 1, "benchmark.warmup_steps": 0, "benchmark.generation_tokens": 3,
+        "benchmark.max_seq_length": 48,
     })  # fmt: skip
     results = json.loads((project.run(until="benchmark")["benchmark"] / RESULTS_FILE).read_text())
     assert [r["mode"] for r in results["training"]] == ["qlora-recompute"]
+    row = results["training"][0]
+    assert (row["timed_steps"], row["warmup_steps"], row["max_seq_length"]) == (1, 0, 48)
     assert [r["label"] for r in results["generation"]] == ["base", "tuned"]
     assert results["generation"][0]["generation_tokens"] == 3
     assert [d["label"] for d in results["disk"]] == ["base 4-bit", "adapter"]

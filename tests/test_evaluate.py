@@ -214,3 +214,15 @@ def test_without_questions_only_the_loss_is_measured(tmp_path: Path) -> None:
     assert summary["adapter_file"] == "adapters.safetensors"
     assert (out / "answers.jsonl").read_text() == ""
     assert any("no held-out questions" in m for k, _, m in reporter.calls if k == "log")
+
+
+def test_eval_settings_reach_the_stage(validated: tuple, tmp_path: Path) -> None:
+    project, paths, _ = validated
+    cfg = project.config(**{"eval.max_questions": 1, "eval.max_batches": 1, "eval.max_tokens": 2})
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StageContext(upstream={s: paths[s] for s in ("data", "model", "train")}, out_dir=out, work_dir=tmp_path / "w")
+    summary = validate_stage(cfg, ctx)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert summary["questions"] == 1 and metrics["max_tokens"] == 2
+    assert metrics["base"]["batches"] == 1 and metrics["tuned"]["answer_tokens"] <= 2

@@ -75,6 +75,15 @@ def test_fused_model_loads_and_generates(exported: tuple) -> None:
     assert isinstance(generate(model, tokenizer, "Olá", max_tokens=3), str)
 
 
+def test_fuse_dequantize_reaches_mlx_lm_fuse(exported: tuple, tmp_path: Path) -> None:
+    from farense.export import fuse_model
+
+    _, paths, _ = exported
+    info = fuse_model(paths["model"], paths["export"], tmp_path / "dense", dequantize=True)
+    assert info["dequantized"] is True
+    assert "quantization" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+
+
 def test_first_export_is_published_atomically(exported: tuple) -> None:
     project, paths, reporter = exported
     root = published_root(project.cfg.artifacts_dir)

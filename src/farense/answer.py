@@ -121,17 +121,22 @@ def _emit(out: IO[str], obj: dict[str, Any]) -> None:
     out.flush()
 
 
-def parse_request(line: str) -> tuple[str, dict[str, Any]]:
-    """A `--stdin` line: {"prompt": ..., "id"?: ..., "max_tokens"?: n}, a JSON string, or plain text."""
+BAD_LINE = 'each line must be {"prompt": "..."} (optionally "id" and "max_tokens"), a JSON string or text'
+
+
+def parse_request(line: str) -> tuple[str | None, dict[str, Any]]:
+    """A `--stdin` line: {"prompt": ..., "id"?: ..., "max_tokens"?: n}, a JSON string, or plain text.
+    Returns (prompt, {"id", "max_tokens"} given); prompt is None when the line is not a request."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError:
         return line, {}
     if isinstance(obj, str):
         return obj, {}
-    if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-        return obj["prompt"], {k: obj[k] for k in ("id", "max_tokens") if k in obj}
-    raise AskError('each line must be {"prompt": "..."} (optionally "id" and "max_tokens"), a JSON string or text')
+    if isinstance(obj, dict):
+        prompt = obj.get("prompt")
+        return (prompt if isinstance(prompt, str) else None), {k: obj[k] for k in ("id", "max_tokens") if k in obj}
+    return None, {}
 
 
 def ask_command(
@@ -174,7 +179,11 @@ def ask_command(
             extra: dict[str, Any] = {}
             try:
                 text, extra = parse_request(line.rstrip("\n"))
-                n = int(extra.get("max_tokens", max_tokens))
+                if text is None:
+                    raise AskError(BAD_LINE)
+                n = extra.get("max_tokens", max_tokens)
+                if not isinstance(n, int) or n < 1:
+                    raise AskError(f'"max_tokens" must be a positive integer, got {n!r}')
                 result = answer(pm, text, n)
                 _emit(out, ({"id": extra["id"]} if "id" in extra else {}) | result)
             except Exception as e:  # noqa: BLE001 - one bad line must not stop the batch

@@ -168,10 +168,12 @@ def validation_loss(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, A
     )
     start = time.perf_counter()
     loss = evaluate(model, examples, cfg.train.batch_size, cfg.train.max_seq_length, cfg.eval.max_batches)
+    batches = math.ceil(len(examples) / cfg.train.batch_size)
     return {
         "val_loss": loss,
         "perplexity": math.exp(loss) if math.isfinite(loss) and loss < 700 else float("inf"),
         "examples": len(examples),
+        "batches": min(batches, cfg.eval.max_batches) if cfg.eval.max_batches > 0 else batches,
         "skipped_too_long": skipped,
         "seconds": round(time.perf_counter() - start, 3),
     }
