@@ -25,9 +25,9 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "data": ("data.py", "data_schema.py"),
     "model": ("model.py", "gguf.py"),
     "train": ("train.py", "checkpoint.py", "compute.py", "memory.py"),
-    "validate": ("evaluate.py",),
-    "benchmark": ("benchmark.py", "plots.py"),
-    "export": ("export.py",),
+    "validate": ("evaluate.py", "train.py", "compute.py"),
+    "benchmark": ("benchmark.py", "plots.py", "evaluate.py", "train.py", "compute.py"),
+    "export": ("export.py", "evaluate.py"),
 }
 
 UPSTREAM: dict[str, tuple[str, ...]] = {
