@@ -1,0 +1,321 @@
+"""How the frozen 4-bit base weights take part in a training step.
+
+Three compute paths, chosen per machine (`select_compute_path`) and applied to the base model in place before the
+LoRA layers are added (`apply_compute_path`):
+
+- "quantized": mlx's own QuantizedLinear / QuantizedEmbedding. Best on Apple GPUs, where quantized matmuls are fast.
+- "dequantized": the 4-bit weights are expanded once into ordinary Linear / Embedding layers (fp32 on CPU), so
+  matmuls go to BLAS. The CPU path: OpenBLAS sgemm is ~20x faster than MLX's CPU quantized matmul.
+- "recompute": QuantizedLinear subclasses whose forward dequantizes the weight and calls a dense matmul, and whose
+  custom vjp dequantizes again in the backward pass instead of keeping the dense weight alive (as bitsandbytes
+  does). Their `to_lora` gives a LoRALinear whose vjp keeps no fp32 copy of its input either. The CUDA path:
+  faster than bf16 LoRA, in less memory than the native quantized path (benchmarks/GPU_RESULTS.md).
+
+This module imports only mlx and mlx-lm, so benchmarks can ship it to hosts without the rest of farense.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+# MLX's CUDA backend keeps every input of a queued kernel alive until the CUDA graph holding it has run, and queues
+# up to 10 graphs of 30 kernels (H100/H200 default). The recompute path's transient dense weights then pile up:
+# 29.4 GB peak for a Mistral-7B step instead of 20.1 GB with 10 kernels per graph, at the same speed. MLX reads this
+# once, when it first uses the GPU, so it is set here, at import, unless the environment already sets it.
+CUDA_KERNELS_PER_GRAPH = "10"
+if sys.platform.startswith("linux"):
+    os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", CUDA_KERNELS_PER_GRAPH)
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.lora import LoRALinear
+
+COMPUTE_PATHS = ("quantized", "dequantized", "recompute")
+
+
+def select_compute_path(requested: str = "auto") -> str:
+    """Resolve "auto" for this machine; return an explicit path as is after checking it."""
+    if requested == "auto":
+        if mx.metal.is_available():
+            return "quantized"
+        if _cuda_available():
+            return "recompute"
+        return "dequantized"
+    if requested not in COMPUTE_PATHS:
+        raise ValueError(f"compute path {requested!r} is not one of 'auto', {', '.join(map(repr, COMPUTE_PATHS))}")
+    return requested
+
+
+def apply_compute_path(model: nn.Module, path: str, dtype: mx.Dtype | None = None) -> dict[str, Any]:
+    """Convert the base model's quantized layers in place for `path`; return what was done, for run metadata.
+
+    `dtype` is the dense weight dtype: by default fp32 on CPU and the scales' dtype elsewhere ("dequantized"),
+    the scales' dtype ("recompute"); "quantized" ignores it.
+    """
+    path = select_compute_path(path)
+    if path == "quantized":
+        converted = 0
+        out_dtype = _quantized_dtype(model)
+    elif path == "dequantized":
+        out_dtype = dtype or (mx.float32 if mx.default_device() == mx.cpu else None)
+        converted = _replace_quantized(model, lambda m: _dequantized_layer(m, out_dtype))
+        if out_dtype is not None:
+            # Norms and other dense weights follow, so activations stay in one dtype end to end.
+            model.apply(lambda a: a.astype(out_dtype) if mx.issubdtype(a.dtype, mx.floating) else a)
+        out_dtype = out_dtype or _dense_dtype(model)
+    else:
+        converted = _replace_quantized(model, lambda m: _recompute_layer(m, dtype))
+        out_dtype = dtype or _quantized_dtype(model)
+    weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return {
+        "path": path,
+        "layers_converted": converted,
+        "dtype": _dtype_name(out_dtype),
+        "base_weight_bytes": int(weight_bytes),
+        "mlx_max_ops_per_buffer": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
+    }
+
+
+class RecomputeQuantizedLinear(nn.QuantizedLinear):
+    """A QuantizedLinear that multiplies by its dequantized weight and dequantizes again for the backward pass."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = dequantized_matmul(x, self["weight"], self["scales"], self.get("biases"), *self._quant_args())
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+    def _quant_args(self) -> tuple[int, int, str]:
+        return self.group_size, self.bits, self.mode
+
+    def to_lora(self, r: int = 8, scale: float = 20.0, dropout: float = 0.0) -> "RecomputeLoRALinear":
+        """Called by mlx-lm's linear_to_lora_layers; same parameter names as LoRALinear.from_base gives."""
+        output_dims, packed_dims = self.weight.shape
+        lora = RecomputeLoRALinear(packed_dims * 32 // self.bits, output_dims, r=r, dropout=dropout, scale=scale)
+        lora.linear = self
+        lora.dropout_p = dropout
+        return lora
+
+
+class RecomputeQuantizedEmbedding(nn.QuantizedEmbedding):
+    """A QuantizedEmbedding whose tied output projection (`as_linear`) takes the recompute path."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return dequantized_matmul(
+            x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits, self.mode
+        )
+
+
+class RecomputeLoRALinear(LoRALinear):
+    """LoRALinear over a RecomputeQuantizedLinear, base and adapter in one custom vjp.
+
+    Stock LoRALinear multiplies the bf16 input by fp32 lora_a, and autodiff keeps that fp32 copy of the input
+    until the backward pass: one per adapted projection, about a third of the activation memory of a 7B step.
+    Here the backward pass recasts the bf16 input it keeps anyway. The arithmetic is the stock one.
+    """
+
+    dropout_p: float = 0.0
+
+    def __call__(self, x: mx.array) -> mx.array:
+        base = self.linear
+        if not isinstance(base, RecomputeQuantizedLinear) or (self.dropout_p > 0 and self.training):
+            return super().__call__(x)
+        y = lora_dequantized_matmul(
+            x,
+            self.lora_a,
+            self.lora_b,
+            base["weight"],
+            base["scales"],
+            base.get("biases"),
+            self.scale,
+            *base._quant_args(),
+        )
+        if "bias" in base:
+            y = y + base["bias"]
+        return y
+
+
+def _dequantize(w, scales, biases, group_size, bits, mode, dtype=None):
+    if _use_cuda_dequant(w, bits, mode, dtype):
+        return _cuda_affine4_dequantize(w, scales, biases, group_size, dtype)
+    wd = mx.dequantize(w, scales=scales, biases=biases, group_size=group_size, bits=bits, mode=mode)
+    return wd if dtype is None or wd.dtype == dtype else wd.astype(dtype)
+
+
+def _dequantize_after(cotangent, w, *args):
+    """Dequantize in the backward pass only once the cotangent exists, so that one layer's dense weight is alive at
+    a time: the weight inputs are constants, and nothing else stops the scheduler from expanding them early."""
+    return _dequantize(mx.depends(w, cotangent), *args)
+
+
+@mx.custom_function
+def dequantized_matmul(x, w, scales, biases, group_size, bits, mode):
+    """x @ dequantize(w).T; the backward pass dequantizes w again rather than keeping it."""
+    return x @ _dequantize(w, scales, biases, group_size, bits, mode, x.dtype).T
+
+
+@dequantized_matmul.vjp
+def _dequantized_matmul_vjp(primals, cotangent, output):
+    x, w, scales, biases, group_size, bits, mode = primals
+    return (cotangent @ _dequantize_after(cotangent, w, scales, biases, group_size, bits, mode, x.dtype),)
+
+
+@mx.custom_function
+def lora_dequantized_matmul(x, lora_a, lora_b, w, scales, biases, scale, group_size, bits, mode):
+    """LoRALinear's forward, x @ W.T + scale * (x @ a) @ b, with W dequantized on the fly.
+
+    The adapter matmuls run in the activations' dtype (bf16 on a GPU, as under PyTorch autocast) with fp32
+    parameters and gradients; in fp32 this is stock LoRALinear's arithmetic.
+    """
+    y = x @ _dequantize(w, scales, biases, group_size, bits, mode, x.dtype).T
+    xa = x @ lora_a.astype(x.dtype)
+    return mx.addmm(y, xa, lora_b.astype(x.dtype), alpha=scale)
+
+
+@lora_dequantized_matmul.vjp
+def _lora_dequantized_matmul_vjp(primals, cotangent, output):
+    x, lora_a, lora_b, w, scales, biases, scale, group_size, bits, mode = primals
+    a = lora_a.astype(x.dtype)
+    xa = x @ a
+    dxa = scale * (cotangent @ lora_b.astype(x.dtype).T)
+    # Weight gradients sum over every leading (batch, position) axis.
+    grad_b = scale * (_rows(xa).T @ _rows(cotangent))
+    grad_a = _rows(x).T @ _rows(dxa)
+    dx = cotangent @ _dequantize_after(cotangent, w, scales, biases, group_size, bits, mode, x.dtype)
+    dx = mx.addmm(dx, dxa, a.T)
+    return dx, grad_a.astype(lora_a.dtype), grad_b.astype(lora_b.dtype)
+
+
+# One thread per packed uint32: eight 4-bit codes in, eight 16-bit values out in one 16-byte store.
+_AFFINE4_SOURCE = """
+    const size_t packed = size_t(w_shape[0]) * size_t(w_shape[1]);
+    const size_t e = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (e >= packed) {
+        return;
+    }
+    const uint32_t codes = w[e];
+    const size_t g = e / (GROUP_SIZE / 8);
+    const float s = static_cast<float>(scales[g]);
+    const float b = static_cast<float>(biases[g]);
+    alignas(16) T vals[8];
+    #pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        vals[j] = static_cast<T>(s * static_cast<float>((codes >> (4 * j)) & 0xFu) + b);
+    }
+    *reinterpret_cast<uint4*>(out + e * 8) = *reinterpret_cast<const uint4*>(vals);
+"""
+_cuda_kernels: dict[str, Any] = {}
+# The benchmark turns this off to measure mx.dequantize instead.
+USE_CUDA_DEQUANT_KERNEL = True
+
+
+def _use_cuda_dequant(w, bits, mode, dtype) -> bool:
+    return (
+        USE_CUDA_DEQUANT_KERNEL
+        and bits == 4
+        and mode == "affine"
+        and dtype in (mx.bfloat16, mx.float16)
+        and w.ndim == 2
+        and mx.default_device() == mx.gpu
+        and _cuda_available()
+    )
+
+
+def _cuda_affine4_dequantize(w, scales, biases, group_size, dtype):
+    kernel = _cuda_kernels.get("affine4")
+    if kernel is None:
+        kernel = mx.fast.cuda_kernel(
+            name="farense_affine4_dequantize",
+            input_names=["w", "scales", "biases"],
+            output_names=["out"],
+            source=_AFFINE4_SOURCE,
+        )
+        _cuda_kernels["affine4"] = kernel
+    rows, packed_cols = w.shape
+    (out,) = kernel(
+        inputs=[w, scales, biases],
+        template=[("T", dtype), ("GROUP_SIZE", group_size)],
+        grid=(rows * packed_cols, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[(rows, packed_cols * 8)],
+        output_dtypes=[dtype],
+    )
+    return out
+
+
+def _rows(a: mx.array) -> mx.array:
+    return a.reshape(-1, a.shape[-1])
+
+
+def _cuda_available() -> bool:
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return True
+    return sys.platform.startswith("linux") and mx.default_device() == mx.gpu
+
+
+def _replace_quantized(model: nn.Module, convert) -> int:
+    replaced = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and not isinstance(
+            module, (RecomputeQuantizedLinear, RecomputeQuantizedEmbedding)
+        ):
+            new = convert(module)
+            if new is not module:
+                replaced.append((name, new))
+    if replaced:
+        from mlx.utils import tree_unflatten
+
+        model.update_modules(tree_unflatten(replaced))
+    return len(replaced)
+
+
+def _dequantized_layer(m: nn.Module, dtype: mx.Dtype | None) -> nn.Module:
+    weight = _dequantize(m["weight"], m["scales"], m.get("biases"), m.group_size, m.bits, m.mode, dtype)
+    if isinstance(m, nn.QuantizedEmbedding):
+        new = nn.Embedding(*weight.shape)
+    else:
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in m)
+        if "bias" in m:
+            new.bias = m["bias"] if dtype is None else m["bias"].astype(dtype)
+    new.weight = weight
+    # Materialize now so the packed weight can be freed layer by layer, not all at the first step.
+    mx.eval(new.parameters())
+    new.freeze()
+    return new
+
+
+def _recompute_layer(m: nn.Module, dtype: mx.Dtype | None) -> nn.Module:
+    cls = RecomputeQuantizedEmbedding if isinstance(m, nn.QuantizedEmbedding) else RecomputeQuantizedLinear
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.group_size, new.bits, new.mode = m.group_size, m.bits, m.mode
+    if isinstance(m, nn.QuantizedEmbedding):
+        new.num_embeddings, new.dims = m.num_embeddings, m.dims
+    for key, value in m.items():
+        if isinstance(value, mx.array) and dtype is not None and key in ("scales", "biases", "bias"):
+            value = value.astype(dtype)
+        new[key] = value
+    new.freeze()
+    return new
+
+
+def _quantized_dtype(model: nn.Module) -> mx.Dtype | None:
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            return m.scales.dtype
+    return _dense_dtype(model)
+
+
+def _dense_dtype(model: nn.Module) -> mx.Dtype | None:
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            return v.dtype
+    return None
+
+
+def _dtype_name(dtype: mx.Dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("mlx.core.")

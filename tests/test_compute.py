@@ -1,0 +1,214 @@
+"""Compute paths: the dequantized and recompute paths give the native quantized path's logits, loss and LoRA
+gradients, and leave adapters name-compatible with stock mlx-lm."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import farense  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models import llama
+from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from farense.compute import (
+    COMPUTE_PATHS,
+    RecomputeLoRALinear,
+    RecomputeQuantizedEmbedding,
+    RecomputeQuantizedLinear,
+    apply_compute_path,
+    select_compute_path,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
+VOCAB = 100
+
+
+def tiny_lora_model(path: str, *, tie: bool = True, group_size: int = 32, dropout: float = 0.0) -> nn.Module:
+    """A 2-layer llama, 4-bit, converted for `path`, with LoRA on every projection and non-zero lora_b."""
+    mx.random.seed(0)
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=VOCAB,
+                           tie_word_embeddings=tie)  # fmt: skip
+    model = llama.Model(args)
+    nn.quantize(model, group_size=group_size, bits=4)
+    mx.eval(model.parameters())
+    apply_compute_path(model, path)
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": dropout, "keys": LORA_KEYS})
+    # Same adapter values on every path, and lora_b != 0 so lora_a gets a gradient too.
+    mx.random.seed(1)
+    model.update(tree_map(lambda p: 0.1 * mx.random.normal(p.shape), model.trainable_parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def loss_fn(model: nn.Module, tokens: mx.array) -> mx.array:
+    logits = model(tokens[:, :-1])
+    return nn.losses.cross_entropy(logits, tokens[:, 1:]).mean()
+
+
+def run_step(model: nn.Module, tokens: mx.array):
+    loss, grads = nn.value_and_grad(model, loss_fn)(model, tokens)
+    logits = model(tokens)
+    mx.eval(loss, grads, logits)
+    return loss.item(), dict(tree_flatten(grads)), logits
+
+
+@pytest.fixture(scope="module")
+def tokens() -> mx.array:
+    return mx.random.randint(0, VOCAB, (2, 17), key=mx.random.key(5))
+
+
+def test_auto_is_dequantized_on_cpu():
+    if mx.metal.is_available():
+        pytest.skip("Apple GPU: auto is quantized there")
+    assert select_compute_path("auto") == "dequantized"
+    assert select_compute_path() == "dequantized"
+
+
+def test_explicit_paths_pass_through_and_unknown_ones_fail():
+    for path in COMPUTE_PATHS:
+        assert select_compute_path(path) == path
+    with pytest.raises(ValueError, match="compute path 'fast'"):
+        select_compute_path("fast")
+    with pytest.raises(ValueError):
+        apply_compute_path(nn.Linear(4, 4), "bf16")
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("path", ["dequantized", "recompute"])
+def test_path_matches_native_quantized(path: str, group_size: int, tie: bool, tokens: mx.array):
+    ref_loss, ref_grads, ref_logits = run_step(tiny_lora_model("quantized", tie=tie, group_size=group_size), tokens)
+    loss, grads, logits = run_step(tiny_lora_model(path, tie=tie, group_size=group_size), tokens)
+    assert abs(loss - ref_loss) < 1e-4
+    assert mx.allclose(logits, ref_logits, atol=1e-4).item()
+    assert sorted(grads) == sorted(ref_grads)
+    assert len(grads) == 2 * 7 * 2  # lora_a and lora_b of 7 projections in 2 layers
+    for name, ref in ref_grads.items():
+        assert mx.abs(ref).max().item() > 0, name
+        assert mx.allclose(grads[name], ref, atol=1e-4).item(), name
+
+
+def test_adapter_names_are_stock_mlx_lm_names():
+    names = {path: sorted(dict(tree_flatten(tiny_lora_model(path).trainable_parameters()))) for path in COMPUTE_PATHS}
+    assert names["dequantized"] == names["quantized"] == names["recompute"]
+    assert all(n.endswith((".lora_a", ".lora_b")) for n in names["quantized"])
+    assert "model.layers.0.self_attn.q_proj.lora_a" in names["quantized"]
+
+
+def test_layer_types_per_path():
+    dense = tiny_lora_model("dequantized", tie=False)
+    assert type(dense.layers[0].mlp.down_proj) is LoRALinear
+    assert type(dense.layers[0].mlp.down_proj.linear) is nn.Linear
+    assert dense.layers[0].mlp.down_proj.linear.weight.dtype == mx.float32
+    assert type(dense.lm_head) is nn.Linear and type(dense.model.embed_tokens) is nn.Embedding
+
+    rec = tiny_lora_model("recompute", tie=True)
+    q_proj = rec.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, RecomputeLoRALinear) and isinstance(q_proj, LoRALinear)
+    assert isinstance(q_proj.linear, RecomputeQuantizedLinear) and isinstance(q_proj.linear, nn.QuantizedLinear)
+    assert isinstance(rec.model.embed_tokens, RecomputeQuantizedEmbedding)
+    assert rec.model.embed_tokens.weight.dtype == mx.uint32  # still 4-bit in memory
+
+
+def test_recompute_layer_works_with_stock_lora_and_fuse():
+    base = nn.QuantizedLinear(64, 32, bias=False, group_size=32, bits=4)
+    model = nn.Sequential(base)
+    apply_compute_path(model, "recompute")
+    layer = model.layers[0]
+    lora = LoRALinear.from_base(layer, r=4, scale=2.0)
+    assert (lora.lora_a.shape, lora.lora_b.shape) == ((64, 4), (4, 32))
+    lora.lora_b = 0.1 * mx.random.normal(lora.lora_b.shape)
+    x = mx.random.normal((3, 64))
+    fused = lora.fuse()
+    assert isinstance(fused, nn.QuantizedLinear)
+    dense = lora.fuse(dequantize=True)
+    assert mx.allclose(dense(x), lora(x), atol=1e-4).item()
+    own = layer.to_lora(r=4, scale=2.0, dropout=0.0)
+    own.update(lora.trainable_parameters())
+    assert mx.allclose(own(x), lora(x), atol=1e-5).item()
+
+
+def test_dropout_falls_back_to_stock_lora(tokens: mx.array):
+    model = tiny_lora_model("recompute", dropout=0.5)
+    model.train()
+    loss, grads, _ = run_step(model, tokens)
+    assert loss == loss and len(grads) == 28
+
+
+def test_compiled_step_matches_eager(tokens: mx.array):
+    import mlx.optimizers as optim
+
+    def losses(compiled: bool) -> list[float]:
+        model = tiny_lora_model("recompute")
+        opt = optim.AdamW(learning_rate=1e-2)
+        state = [model.state, opt.state]
+        value_and_grad = nn.value_and_grad(model, loss_fn)
+
+        def step(x):
+            loss, grads = value_and_grad(model, x)
+            opt.update(model, grads)
+            return loss
+
+        if compiled:
+            step = mx.compile(step, inputs=state, outputs=state)
+        out = []
+        for _ in range(3):
+            loss = step(tokens)
+            mx.eval(loss, state)
+            out.append(loss.item())
+        return out
+
+    assert losses(True) == pytest.approx(losses(False), abs=1e-4)
+
+
+def test_metadata():
+    infos = {}
+    for path in COMPUTE_PATHS:
+        model = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=1,
+                                            intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                            rms_norm_eps=1e-5, vocab_size=VOCAB))  # fmt: skip
+        nn.quantize(model, group_size=64, bits=4)
+        infos[path] = apply_compute_path(model, path)
+    assert infos["quantized"]["layers_converted"] == 0
+    assert infos["dequantized"]["layers_converted"] == infos["recompute"]["layers_converted"] == 8
+    assert infos["dequantized"]["dtype"] == "float32"
+    assert infos["recompute"]["base_weight_bytes"] == infos["quantized"]["base_weight_bytes"]
+    assert infos["dequantized"]["base_weight_bytes"] > 4 * infos["quantized"]["base_weight_bytes"]
+    assert {info["path"] for info in infos.values()} == set(COMPUTE_PATHS)
+
+
+def test_benchmark_script_runs_tiny_shape():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "qlora_step.py"), "--shape", "tiny", "--steps", "2",
+         "--warmup", "1", "--seq", "32", "--path", "recompute", "--check-loss"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("path", "shape", "batch", "seq", "tokens_per_s", "peak_gb", "loss", "steps", "device", "mlx_version"):
+        assert key in result, key
+    assert result["path"] == "recompute" and result["shape"] == "tiny" and result["steps"] == 2
+    assert result["tokens_per_s"] > 0 and result["loss"] == result["loss"]
+    assert result["loss_diff"] < 1e-2
+
+
+def test_torch_benchmark_uses_the_same_shapes():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import qlora_step
+        import torch_qlora_step
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert torch_qlora_step.SHAPES == qlora_step.SHAPES
+    assert torch_qlora_step.LORA_TARGETS == [k.split(".")[1] for k in qlora_step.LORA_KEYS]
