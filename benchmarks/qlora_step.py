@@ -24,16 +24,16 @@ except ImportError:
 # Before anything else imports mlx: sets MLX's CUDA graph size (see farense/compute.py).
 from farense import compute  # noqa: E402
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models import llama
-from mlx_lm.tuner.lora import LoRALinear
-from mlx_lm.tuner.trainer import default_loss
-from mlx_lm.tuner.utils import linear_to_lora_layers
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+from mlx_lm.models import llama  # noqa: E402
+from mlx_lm.tuner.lora import LoRALinear  # noqa: E402
+from mlx_lm.tuner.trainer import default_loss  # noqa: E402
+from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 
-from farense.compute import RecomputeLoRALinear, apply_compute_path
+from farense.compute import RecomputeLoRALinear, apply_compute_path  # noqa: E402
 
 SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
@@ -108,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--check-loss", action="store_true",
                    help="also run the first batch on the native quantized path; report loss and gradient diffs")
     p.add_argument("--memory-limit-gb", type=float,
-                   help="mx.set_memory_limit: past it, evaluation waits for queued GPU work (and its buffers) to finish")
+                   help="mx.set_memory_limit: past it, evaluation waits for queued GPU work and its buffers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-profile", action="store_true",
                    help="instead of timing: memory kept from the forward pass for the backward pass, and the peak")

@@ -212,3 +212,16 @@ def test_torch_benchmark_uses_the_same_shapes():
         sys.path.remove(str(ROOT / "benchmarks"))
     assert torch_qlora_step.SHAPES == qlora_step.SHAPES
     assert torch_qlora_step.LORA_TARGETS == [k.split(".")[1] for k in qlora_step.LORA_KEYS]
+
+
+def test_dequantized_dtype_choices():
+    from farense import compute
+
+    model = nn.Sequential(nn.QuantizedLinear(64, 32, bias=True, group_size=64, bits=4))
+    info = apply_compute_path(model, "dequantized", mx.bfloat16)
+    assert info["dtype"] == "bfloat16"
+    assert model.layers[0].weight.dtype == model.layers[0].bias.dtype == mx.bfloat16
+    # dtype None (the GPU default) keeps the scales' dtype; it once failed comparing None with a Dtype.
+    q = nn.QuantizedLinear(64, 32, bias=False, group_size=64, bits=4)
+    w = compute._dequantize(q.weight, q.scales, q.biases, 64, 4, "affine", None)
+    assert w.dtype == q.scales.dtype and w.shape == (32, 64)
