@@ -26,6 +26,9 @@ import numpy as np
 import psutil
 from mlx.utils import tree_flatten, tree_map
 
+# Imported before any MLX GPU use: on CUDA it bounds MLX's kernel queue (MLX_MAX_OPS_PER_BUFFER), which keeps
+# the recompute path's peak memory down; MLX reads that setting at its first GPU use.
+from farense.compute import apply_compute_path, select_compute_path
 from farense.checkpoint import (
     TrainState,
     find_resumable,
@@ -215,8 +218,6 @@ def load_for_training(model_dir: Path, tcfg: TrainConfig) -> tuple[nn.Module, An
     from mlx_lm.tuner.trainer import grad_checkpoint
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load
-
-    from farense.compute import apply_compute_path, select_compute_path
 
     model, tokenizer = load(str(model_dir))
     model.freeze()
