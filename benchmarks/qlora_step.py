@@ -35,14 +35,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 
 from farense.compute import RecomputeLoRALinear, apply_compute_path  # noqa: E402
 
-SHAPES: dict[str, dict] = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
-    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
-    "mistral-7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False, rope_theta=1000000.0),
-}
+from shapes import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 PATHS = ("quantized", "dequantized", "recompute", "lora-bf16")
