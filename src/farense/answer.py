@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import IO, Any
 
 DEFAULT_MAX_TOKENS = 256
-DEFAULT_CONFIG = Path("farense.yaml")
 
 
 @dataclass
@@ -43,10 +42,9 @@ class AskError(Exception):
 def resolve_artifacts(artifacts: Path | None, config: Path | None) -> Path:
     if artifacts is not None:
         return Path(artifacts).resolve()
-    from farense.config import load_config
+    from farense.config import config_file_or_default, load_config
 
-    path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    return load_config(path).artifacts_dir
+    return load_config(config_file_or_default(config)).artifacts_dir
 
 
 def load_published(artifacts_dir: Path, compute_path: str = "auto") -> PublishedModel:

@@ -12,11 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from farense.config import STAGES, FarenseConfig, load_config, parse_override
+from farense.config import STAGES, FarenseConfig, config_file_or_default, load_config, parse_override
 from farense.errors import FarenseError
 from farense.server import server_app
-
-DEFAULT_CONFIG = Path("farense.yaml")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 data_app = typer.Typer(no_args_is_help=True, help="Validate datasets.")
@@ -37,8 +35,7 @@ SetOpt = Annotated[
 
 
 def _config(config: Path | None, overrides: list[str] | None) -> FarenseConfig:
-    path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    return load_config(path, dict(parse_override(o) for o in overrides or []))
+    return load_config(config_file_or_default(config), dict(parse_override(o) for o in overrides or []))
 
 
 def _check_stage(name: str | None, option: str) -> None:

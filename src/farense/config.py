@@ -191,6 +191,16 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_CONFIG_FILE = Path("farense.yaml")
+
+
+def config_file_or_default(path: Path | None) -> Path | None:
+    """The config file to read: the one given, else ./farense.yaml when it exists, else none (defaults)."""
+    if path is not None:
+        return path
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
 def load_config(
     path: Path | None = None,
     overrides: dict[str, Any] | None = None,
