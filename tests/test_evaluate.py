@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -91,7 +92,8 @@ class TinyProject:
         data = root / "dataset"
         write_jsonl(data / "qa.jsonl", [chat_row(i) for i in range(20)])
         questions = write_jsonl(root / "questions.jsonl", [
-            {"question": "Onde joga o Farense?", "reference": "No Estádio de São Luís, em Faro."},
+            {"question": "Onde joga o Farense?", "reference": "No Estádio de São Luís, em Faro.",
+             "must": [r"S[ãa]o Lu[íi]s"]},
             {"question": "Quando foi fundado o Farense?", "reference": "Em 1910."},
         ])  # fmt: skip
         self.overrides = {
@@ -149,7 +151,7 @@ def test_system_prompt_is_the_most_common_one_in_the_training_data() -> None:
 
 def test_questions_file_errors_name_the_line_and_field(tmp_path: Path) -> None:
     bad = write_jsonl(tmp_path / "q.jsonl", [{"question": "a", "reference": "b"}, {"question": "c"}])
-    with pytest.raises(DataError, match=r"q.jsonl: question 2: field 'reference'"):
+    with pytest.raises(DataError, match=r"q.jsonl:2: field 'reference'"):
         load_questions(bad)
     (tmp_path / "broken.jsonl").write_text('{"question": "a", "reference": "b"}\n{oops\n')
     with pytest.raises(DataError, match=r"broken.jsonl:2: not valid JSON"):
@@ -185,9 +187,15 @@ def test_validate_writes_metrics_answers_and_artifacts(validated: tuple) -> None
     assert [a["reference"] for a in answers] == ["No Estádio de São Luís, em Faro.", "Em 1910."]
     assert all(a["base_tokens"] <= 6 and a["tuned_tokens"] <= 6 for a in answers)
     md = (out / "answers.md").read_text()
-    assert "| # | question | reference | base answer | tuned answer |" in md and "Quando foi fundado" in md
+    assert "| id | category | question | tuned answer | tuned | why |" in md and "Quando foi fundado" in md
     assert "Quando foi fundado" in reporter.of("markdown")["validate-answers"]
-    assert {r["metric"] for r in reporter.of("table")["validate-metrics"]} >= {"val_loss", "qa_f1"}
+    assert {r["metric"] for r in reporter.of("table")["validate-metrics"]} >= {"val_loss", "qa_f1", "fact_accuracy"}
+    # The first question lists a key fact, so it is scored; the second has only a reference (F1 only).
+    for name in ("base", "tuned"):
+        assert metrics[name]["fact_questions"] == 1 and metrics[name]["fact_accuracy"] in (0.0, 1.0)
+    first = answers[0]
+    assert first["tuned_passed"] == bool(re.search("S[ãa]o Lu[íi]s", first["tuned_answer"], re.I))
+    assert first["tuned_why"] and ("pass" if first["tuned_passed"] else "**fail**") in md
     summary = json.loads((out / "manifest.json").read_text())["summary"]
     assert summary["tuned_val_loss"] == metrics["tuned"]["val_loss"] and summary["seconds"] > 0
 

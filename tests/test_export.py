@@ -198,3 +198,26 @@ def test_gate_settings_reach_the_decision() -> None:
     off = copy.deepcopy(cur)
     off["metrics"]["max_tokens"] = 32
     assert "not comparable" in " ".join(quality_gate(meta(2.9, 0.1), off, GATE).reasons)
+
+
+def fact_meta(loss: float, acc: float, base_acc: float = 0.0, **kw: str) -> dict:
+    m = meta(loss, 0.3, **kw)
+    m["metrics"]["tuned"]["fact_accuracy"], m["metrics"]["base"]["fact_accuracy"] = acc, base_acc
+    return m
+
+
+def test_gate_uses_fact_accuracy_when_the_questions_list_key_facts() -> None:
+    cur = fact_meta(3.0, 0.90, sha="old")
+    worse = quality_gate(fact_meta(2.5, 0.85, valid="v2"), cur, GATE)  # better loss, fewer facts right
+    assert not worse.publish and "fact accuracy 0.8500 is below v-current's 0.9000" in worse.reasons[0]
+    assert quality_gate(fact_meta(2.5, 0.85, valid="v2"), cur, ExportConfig(gate_fact_tolerance=0.05)).publish
+    assert quality_gate(fact_meta(3.5, 0.92, valid="v2"), cur, GATE).publish
+    # F1 does not decide once fact accuracy is there: lower F1, same facts right.
+    same_facts = fact_meta(2.9, 0.90)
+    same_facts["metrics"]["tuned"]["qa_f1"] = 0.01
+    assert quality_gate(same_facts, cur, GATE).publish
+
+
+def test_gate_refuses_a_tuned_model_that_knows_fewer_facts_than_its_base() -> None:
+    d = quality_gate(fact_meta(2.0, 0.10, base_acc=0.20), None, GATE)
+    assert not d.publish and "below the base's 0.2000" in d.reasons[-1]

@@ -24,7 +24,8 @@ from mlx.utils import tree_flatten
 
 from farense.config import FarenseConfig
 from farense.evaluate import ADAPTER_DIR, ADAPTER_FILE, METRICS_FILE, attach_adapter, chat_prompt, load_base
-from farense.evaluate import load_jsonl_rows, load_questions, most_common_system_prompt
+from farense.evaluate import load_jsonl_rows, most_common_system_prompt
+from farense.fact_scoring import load_questions
 from farense.train import TrainReport, drop_unlearnable, read_metrics, tokenize_rows
 
 RESULTS_FILE = "comparison_results.json"
@@ -254,7 +255,7 @@ def benchmark_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     system_prompt = most_common_system_prompt(load_jsonl_rows(data_dir / "train.jsonl"))
     qpath = cfg.data.eval_questions
     questions = load_questions(qpath, 1) if qpath.is_file() else []
-    question = questions[0]["question"] if questions else _first_user_message(data_dir / "valid.jsonl")
+    question = questions[0].question if questions else _first_user_message(data_dir / "valid.jsonl")
 
     def prompt_of(tok: Any) -> list[int]:
         return chat_prompt(tok, question, system_prompt)
@@ -272,7 +273,7 @@ def benchmark_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     reporter.progress("benchmark: sizes measured", 1.0)
 
     val = json.loads((valid_dir / METRICS_FILE).read_text())
-    keep = ("val_loss", "perplexity", "qa_f1", "qa_recall", "qa_exact")
+    keep = ("val_loss", "perplexity", "qa_f1", "qa_recall", "qa_exact", "fact_accuracy", "live_decline_rate")
     quality = {name: {k: val[name].get(k) for k in keep} for name in ("base", "tuned")}
     train_manifest = _manifest(train_dir)
     results = {
@@ -331,7 +332,7 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     for d in results["disk"]:
         rows.append({"comparison": "size on disk", "variant": d["label"], "metric": "MB", "value": round(d["bytes"] / 1e6, 3)})
     for name, q in results["quality"].items():
-        for k in ("val_loss", "perplexity", "qa_f1"):
+        for k in ("fact_accuracy", "val_loss", "perplexity", "qa_f1"):
             if q.get(k) is not None:
                 rows.append({"comparison": "quality", "variant": name, "metric": k, "value": round(q[k], 4)})
     return rows

@@ -68,14 +68,30 @@ def run(
     wanted = [s for s in statuses if only is None or s.stage == only]
     if not fresh and all(s.state == "done" for s in wanted):
         _print_statuses(statuses, title="Every stage is cached: nothing to do")
+        _print_answer_quality(statuses)
         return
     offline_prefect_defaults()
     from flows.pipeline import farense
 
     paths = farense(config=cfg, until=until, only=only, fresh=fresh)
-    _print_statuses(stage_statuses(cfg, only or until), title="farense run finished")
+    statuses = stage_statuses(cfg, only or until)
+    _print_statuses(statuses, title="farense run finished")
     if paths:
         out.print_json(json.dumps(paths))
+    _print_answer_quality(statuses)
+
+
+def _print_answer_quality(statuses: list[Any]) -> None:
+    """What users judge: base vs tuned on the held-out questions, and where each answer is."""
+    from farense.fact_scoring import headline
+
+    validate = next((s for s in statuses if s.stage == "validate" and s.state == "done"), None)
+    if validate is None or not (validate.path / "metrics.json").is_file():
+        return
+    metrics = json.loads((validate.path / "metrics.json").read_text())
+    for name in ("base", "tuned"):
+        out.print(f"[bold]{name}[/]: {headline(metrics[name])}", highlight=False)
+    out.print(f"per-question answers, pass/fail and why: {validate.path / 'answers.md'}", highlight=False)
 
 
 @app.command()

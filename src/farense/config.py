@@ -104,6 +104,9 @@ class EvalConfig(Section):
     max_tokens: int = Field(64, ge=1, description="Greedy answer length for held-out questions")
     max_questions: int = Field(-1, description="-1 for all held-out questions")
     max_batches: int = Field(-1, description="Validation batches for loss/perplexity; -1 for all")
+    batch_size: int = Field(
+        16, ge=1, description="Held-out questions answered together (greedy; 1 answers one at a time)"
+    )
     adapter: Literal["best", "final"] = Field(
         "best", description="Adapter to validate and export: lowest validation loss (best) or last step (final)"
     )
@@ -138,9 +141,12 @@ class ExportConfig(Section):
     fuse: bool = Field(False, description="Also write a fused model with mlx-lm's fuse")
     fuse_dequantize: bool = Field(False, description="Fuse into a dense model (fast CPU serving, 4-8x the size)")
     publish: bool = Field(True, description="Point artifacts/published/latest at this export when it passes the gate")
-    quality_gate: bool = Field(True, description="Publish only when the tuned model beats base and current")
+    quality_gate: bool = Field(True, description="Publish only when the tuned model beats its base and the published one")
+    gate_fact_tolerance: float = Field(
+        0.0, ge=0, le=1, description="How far fact accuracy may fall below the published adapter's and still publish"
+    )
     gate_f1_tolerance: float = Field(
-        0.0, ge=0, description="How far the Q&A F1 may fall below the published adapter's and still publish"
+        0.0, ge=0, description="The same for Q&A F1, used when the held-out questions list no key facts"
     )
     gate_loss_tolerance: float = Field(
         0.0, ge=0, description="How far the validation loss may rise above the published adapter's and still publish"

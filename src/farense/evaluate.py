@@ -26,6 +26,7 @@ import mlx.nn as nn
 
 from farense.config import FarenseConfig
 from farense.errors import DataError, FarenseError
+from farense.fact_scoring import HeldOutQuestion, Verdict, fact_summary, headline, load_questions, score_answer
 from farense.store import sha256_file
 
 ADAPTER_DIR = "adapter"
@@ -82,17 +83,6 @@ def load_jsonl_rows(path: Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows
-
-
-def load_questions(path: Path, limit: int = -1) -> list[dict[str, str]]:
-    """Held-out questions: one {"question", "reference"} object per line."""
-    questions = []
-    for n, row in enumerate(load_jsonl_rows(path), 1):
-        for name in ("question", "reference"):
-            if not isinstance(row.get(name), str) or not row[name].strip():
-                raise DataError(f"{path}: question {n}: field '{name}' must be a non-empty string")
-        questions.append({"id": str(row.get("id", n)), "question": row["question"], "reference": row["reference"]})
-    return questions[:limit] if limit > 0 else questions
 
 
 def most_common_system_prompt(rows: Sequence[dict[str, Any]]) -> str | None:
@@ -203,34 +193,62 @@ def generate_answer(model: nn.Module, tokenizer: Any, prompt: list[int], max_tok
     return Answer("".join(text).strip(), last.generation_tokens, last.prompt_tokens, seconds, last.finish_reason)
 
 
+def answer_batch(model: nn.Module, tokenizer: Any, prompts: Sequence[list[int]], max_tokens: int,
+                 batch_size: int) -> tuple[list[Answer], float]:  # fmt: skip
+    """Greedy answers to many prompts, `batch_size` decoded together (decoding on a CPU is bound by reading the
+    weights, so a batch of 16 costs little more per step than one). Returns the answers and the seconds taken."""
+    from mlx_lm.generate import batch_generate
+
+    if batch_size <= 1:
+        answers = [generate_answer(model, tokenizer, p, max_tokens) for p in prompts]
+        return answers, sum(a.seconds for a in answers)
+    start = time.perf_counter()
+    answers: list[Answer] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[i : i + batch_size]]
+        r = batch_generate(model, tokenizer, chunk, max_tokens=max_tokens, return_token_ids=True,
+                           completion_batch_size=batch_size, prefill_batch_size=batch_size)  # fmt: skip
+        for p, text, ids in zip(chunk, r.texts, r.token_ids or [[]] * len(chunk)):
+            reason = "length" if len(ids) >= max_tokens else "stop"
+            answers.append(Answer(text.strip(), len(ids), len(p), 0.0, reason))
+    return answers, time.perf_counter() - start
+
+
 def answer_questions(
     model: nn.Module,
     tokenizer: Any,
-    questions: Sequence[dict[str, str]],
+    questions: Sequence[HeldOutQuestion],
     system_prompt: str | None,
     max_tokens: int,
-    on_answer: Callable[[int], None] = lambda i: None,
-) -> list[dict[str, Any]]:
-    out = []
-    for i, q in enumerate(questions):
-        a = generate_answer(model, tokenizer, chat_prompt(tokenizer, q["question"], system_prompt), max_tokens)
-        out.append({"answer": a.text, **token_f1(a.text, q["reference"]), **{k: v for k, v in asdict(a).items() if k != "text"}})
-        on_answer(i + 1)
-    return out
+    batch_size: int = 16,
+) -> tuple[list[dict[str, Any]], float]:
+    """Each question answered greedily and scored: token F1 against the reference, the fact verdict."""
+    prompts = [chat_prompt(tokenizer, q.question, system_prompt) for q in questions]
+    answers, seconds = answer_batch(model, tokenizer, prompts, max_tokens, batch_size)
+    scored = []
+    for q, a in zip(questions, answers):
+        v = score_answer(q, a.text)
+        scored.append({"answer": a.text, **token_f1(a.text, q.reference), "tokens": a.tokens,
+                       "passed": v.passed, "declined": v.declined, "why": v.why})  # fmt: skip
+    return scored, seconds
 
 
-def qa_summary(scored: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def qa_summary(questions: Sequence[HeldOutQuestion], scored: Sequence[dict[str, Any]], seconds: float) -> dict[str, Any]:
     n = len(scored)
     if n == 0:
-        return {"qa_f1": None, "qa_recall": None, "qa_exact": None, "answer_tokens": None}
+        return {"qa_f1": None, "qa_recall": None, "qa_exact": None, "answer_tokens": None, "fact_accuracy": None}
     mean = lambda k: sum(s[k] for s in scored) / n  # noqa: E731
+    verdicts = [Verdict(s["passed"], s["declined"], s["why"]) for s in scored]
+    tokens = sum(s["tokens"] for s in scored)
     return {
         "qa_f1": mean("f1"),
         "qa_precision": mean("precision"),
         "qa_recall": mean("recall"),
         "qa_exact": mean("exact"),
         "answer_tokens": mean("tokens"),
-        "answer_seconds": mean("seconds"),
+        "answer_seconds": seconds / n,
+        "generation_tokens_per_s": tokens / max(seconds, 1e-9),
+        **fact_summary(questions, verdicts),
     }
 
 
@@ -250,47 +268,36 @@ def validate_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     if not questions:
         reporter.log(f"validate: no held-out questions at {qpath}; only the validation loss is measured")
 
-    steps = 2 * (1 + len(questions))
-    done = 0
-
-    def tick(label: str) -> None:
-        nonlocal done
-        done += 1
-        reporter.progress(f"validate: {label}", done / steps)
-
     model, tokenizer, compute = load_base(model_dir, cfg.train.compute_path)
     results: dict[str, dict[str, Any]] = {}
     answers: dict[str, list[dict[str, Any]]] = {}
-    for name in ("base", "tuned"):
+    for i, name in enumerate(("base", "tuned")):
         if name == "tuned":
             model = attach_adapter(model, out / ADAPTER_DIR)
         loss = validation_loss(model, tokenizer, valid_rows, cfg)
-        tick(f"{name} validation loss {loss['val_loss']:.4f}")
-        answers[name] = answer_questions(
-            model, tokenizer, questions, system_prompt, cfg.eval.max_tokens,
-            on_answer=lambda i, n=name: tick(f"{n} answered {i}/{len(questions)}"),
-        )  # fmt: skip
-        results[name] = {**loss, **qa_summary(answers[name])}
-        reporter.log(
-            f"validate: {name}: val loss {loss['val_loss']:.4f} (ppl {results[name]['perplexity']:.2f})"
-            + (f", Q&A F1 {results[name]['qa_f1']:.3f}" if questions else "")
+        reporter.progress(f"validate: {name} validation loss {loss['val_loss']:.4f}", (2 * i + 1) / 4)
+        answers[name], seconds = answer_questions(
+            model, tokenizer, questions, system_prompt, cfg.eval.max_tokens, cfg.eval.batch_size
         )
+        results[name] = {**loss, **qa_summary(questions, answers[name], seconds)}
+        reporter.progress(f"validate: {name} answered {len(questions)} questions", (2 * i + 2) / 4)
+        reporter.log(f"validate: {name}: {headline(results[name])}")
     del model
     mx.clear_cache()
 
     rows = [
         {
-            "id": q["id"],
-            "question": q["question"],
-            "reference": q["reference"],
-            "base_answer": b["answer"],
-            "tuned_answer": t["answer"],
-            "base_f1": round(b["f1"], 4),
-            "tuned_f1": round(t["f1"], 4),
-            "base_tokens": b["tokens"],
-            "tuned_tokens": t["tokens"],
+            "id": q.id,
+            "category": q.category,
+            "question": q.question,
+            "reference": q.reference,
+            **{f"{m}_{k}": answers[m][j][k] for m in ("base", "tuned") for k in ("answer", "passed", "why")},
+            "base_f1": round(answers["base"][j]["f1"], 4),
+            "tuned_f1": round(answers["tuned"][j]["f1"], 4),
+            "base_tokens": answers["base"][j]["tokens"],
+            "tuned_tokens": answers["tuned"][j]["tokens"],
         }
-        for q, b, t in zip(questions, answers["base"], answers["tuned"])
+        for j, q in enumerate(questions)
     ]
     with open(out / ANSWERS_FILE, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -304,6 +311,7 @@ def validate_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         "delta": {
             "val_loss": tuned["val_loss"] - base["val_loss"],
             "qa_f1": None if base["qa_f1"] is None else tuned["qa_f1"] - base["qa_f1"],
+            "fact_accuracy": None if base.get("fact_accuracy") is None else tuned["fact_accuracy"] - base["fact_accuracy"],
         },
         "tuned_beats_base": tuned["val_loss"] < base["val_loss"],
         "adapter": adapter,
@@ -317,8 +325,8 @@ def validate_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     }
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
 
-    reporter.markdown("validate-answers", markdown, "Held-out questions: base vs tuned answers")
-    reporter.table("validate-metrics", metric_rows(results), "Validation loss, perplexity and Q&A score")
+    reporter.markdown("validate-answers", markdown, "Held-out questions: base vs tuned answers, pass/fail and why")
+    reporter.table("validate-metrics", metric_rows(results), "Fact accuracy, declines, loss and Q&A F1")
     return {
         "base_val_loss": base["val_loss"],
         "tuned_val_loss": tuned["val_loss"],
@@ -326,19 +334,35 @@ def validate_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         "tuned_perplexity": tuned["perplexity"],
         "base_qa_f1": base["qa_f1"],
         "tuned_qa_f1": tuned["qa_f1"],
+        "base_fact_accuracy": base.get("fact_accuracy"),
+        "tuned_fact_accuracy": tuned.get("fact_accuracy"),
+        "tuned_live_decline_rate": tuned.get("live_decline_rate"),
+        "tuned_facts_declined": tuned.get("facts_declined"),
         "tuned_beats_base": metrics["tuned_beats_base"],
         "questions": len(questions),
+        "answers_file": str(ANSWERS_MD),
         "adapter_file": adapter["file"],
         "compute_path": compute["compute_path"],
     }
 
 
+METRIC_NAMES = ("fact_accuracy", "facts_declined", "live_decline_rate", "decline_precision", "decline_recall",
+                "overall_accuracy", "val_loss", "perplexity", "qa_f1", "qa_exact", "answer_tokens",
+                "generation_tokens_per_s")  # fmt: skip
+
+
 def metric_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    names = ("val_loss", "perplexity", "qa_f1", "qa_recall", "qa_exact", "answer_tokens")
-    return [
+    rows = [
         {"metric": k, **{m: (None if results[m].get(k) is None else round(results[m][k], 4)) for m in results}}
-        for k in names
+        for k in METRIC_NAMES
+        if any(results[m].get(k) is not None for m in results)
     ]
+    categories = {c for m in results for c in results[m].get("per_category", {})}
+    for c in sorted(categories):
+        rows.append({"metric": f"accuracy: {c}", **{
+            m: (None if (a := results[m].get("per_category", {}).get(c, {}).get("accuracy")) is None else round(a, 4))
+            for m in results}})  # fmt: skip
+    return rows
 
 
 def _cell(text: str) -> str:
@@ -348,6 +372,9 @@ def _cell(text: str) -> str:
 def answers_markdown(rows: Sequence[dict[str, Any]], results: dict[str, dict[str, Any]]) -> str:
     def fmt(v: Any) -> str:
         return "n/a" if v is None else f"{v:.4f}"
+
+    def mark(passed: bool) -> str:
+        return "pass" if passed else "**fail**"
 
     lines = [
         "# Validation: base vs tuned",
@@ -361,12 +388,13 @@ def answers_markdown(rows: Sequence[dict[str, Any]], results: dict[str, dict[str
         lines += [
             f"## Held-out questions ({len(rows)})",
             "",
-            "| # | question | reference | base answer | tuned answer | F1 base | F1 tuned |",
-            "|---|---|---|---|---|---|---|",
+            "| id | category | question | tuned answer | tuned | why | base answer | base | F1 tuned |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['id']} | {_cell(r['question'])} | {_cell(r['reference'])} | {_cell(r['base_answer'])} | "
-            f"{_cell(r['tuned_answer'])} | {r['base_f1']:.2f} | {r['tuned_f1']:.2f} |"
+            f"| {r['id']} | {r['category']} | {_cell(r['question'])} | {_cell(r['tuned_answer'])} | "
+            f"{mark(r['tuned_passed'])} | {_cell(r['tuned_why'])} | {_cell(r['base_answer'])} | "
+            f"{mark(r['base_passed'])} | {r['tuned_f1']:.2f} |"
             for r in rows
         ]
     return "\n".join(lines) + "\n"

@@ -72,6 +72,7 @@ def export_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         "base_val_loss": meta["metrics"]["base"]["val_loss"],
         "tuned_val_loss": meta["metrics"]["tuned"]["val_loss"],
         "tuned_qa_f1": meta["metrics"]["tuned"]["qa_f1"],
+        "tuned_fact_accuracy": meta["metrics"]["tuned"].get("fact_accuracy"),
         "compute_path": meta["compute_path"],
         "fused": bool(cfg.export.fuse),
         "gate": asdict(decision),
@@ -192,6 +193,13 @@ def quality_gate(candidate: dict[str, Any], current: dict[str, Any] | None, ecfg
         return GateDecision(False, [f"tuned validation loss {tuned_loss:.4f} does not beat the base's {base_loss:.4f}"],
                             checks)  # fmt: skip
     reasons = [f"tuned validation loss {tuned_loss:.4f} beats the base's {base_loss:.4f}"]
+    base_acc, tuned_acc = m["base"].get("fact_accuracy"), m["tuned"].get("fact_accuracy")
+    if base_acc is not None and tuned_acc is not None:
+        checks |= {"base_fact_accuracy": base_acc, "tuned_fact_accuracy": tuned_acc}
+        if tuned_acc < base_acc:
+            return GateDecision(False, reasons + [f"tuned fact accuracy {tuned_acc:.4f} is below the base's {base_acc:.4f}"],
+                                checks)  # fmt: skip
+        reasons.append(f"tuned fact accuracy {tuned_acc:.4f} >= the base's {base_acc:.4f}")
     if current is None:
         return GateDecision(True, reasons + ["nothing is published yet"], checks)
     cm = current["metrics"]
@@ -201,15 +209,21 @@ def quality_gate(candidate: dict[str, Any], current: dict[str, Any] | None, ecfg
         "max_tokens"
     ) == cm.get("max_tokens"):
         compared = True
-        f1, cur_f1 = m["tuned"]["qa_f1"], cm["tuned"]["qa_f1"]
-        checks |= {"qa_f1": f1, "published_qa_f1": cur_f1}
-        if f1 < cur_f1 - ecfg.gate_f1_tolerance:
-            return GateDecision(False, [f"held-out Q&A F1 {f1:.4f} is below {name}'s {cur_f1:.4f}"
-                                        + (f" by more than {ecfg.gate_f1_tolerance}" if ecfg.gate_f1_tolerance else "")],
+        # Fact accuracy when the questions list key facts; token F1 for question sets that only have references.
+        metric, label, tolerance = (
+            ("fact_accuracy", "fact accuracy", ecfg.gate_fact_tolerance)
+            if m["tuned"].get("fact_accuracy") is not None and cm["tuned"].get("fact_accuracy") is not None
+            else ("qa_f1", "Q&A F1", ecfg.gate_f1_tolerance)
+        )
+        value, cur_value = m["tuned"][metric], cm["tuned"][metric]
+        checks |= {metric: value, f"published_{metric}": cur_value}
+        if value < cur_value - tolerance:
+            return GateDecision(False, [f"held-out {label} {value:.4f} is below {name}'s {cur_value:.4f}"
+                                        + (f" by more than {tolerance}" if tolerance else "")],
                                 checks)  # fmt: skip
-        reasons.append(f"held-out Q&A F1 {f1:.4f} >= {name}'s {cur_f1:.4f}")
+        reasons.append(f"held-out {label} {value:.4f} >= {name}'s {cur_value:.4f}" + (f" - {tolerance}" if tolerance else ""))
     else:
-        reasons.append("Q&A F1 not comparable with the published adapter (other question set or answer length)")
+        reasons.append("held-out scores not comparable with the published adapter (other question set or answer length)")
     if m.get("valid_sha256") == cm.get("valid_sha256") and _same_base(candidate, current):
         compared = True
         cur_loss = cm["tuned"]["val_loss"]

@@ -82,8 +82,12 @@ def plot_comparison(results: dict[str, Any], path: Path) -> Path:
         ax.set_yscale("log")
     _bars(axes[1, 1], ["base", "tuned"], [quality["base"]["val_loss"], quality["tuned"]["val_loss"]],
           "Validation loss (lower is better)", "nats/token")  # fmt: skip
-    _bars(axes[1, 2], ["base", "tuned"], [quality["base"]["qa_f1"], quality["tuned"]["qa_f1"]],
-          "Held-out Q&A token F1 (higher is better)", "F1")  # fmt: skip
+    if quality["tuned"].get("fact_accuracy") is not None:
+        _bars(axes[1, 2], ["base", "tuned"], [quality["base"]["fact_accuracy"], quality["tuned"]["fact_accuracy"]],
+              "Held-out fact accuracy (higher is better)", "share right")  # fmt: skip
+    else:
+        _bars(axes[1, 2], ["base", "tuned"], [quality["base"]["qa_f1"], quality["tuned"]["qa_f1"]],
+              "Held-out Q&A token F1 (higher is better)", "F1")  # fmt: skip
     fig.suptitle(results.get("title", "LoRA vs QLoRA, base vs tuned"), fontsize=12)
     fig.tight_layout()
     fig.savefig(path)
