@@ -1,0 +1,130 @@
+"""Greedy decoding speed of the published adapter on this machine, one option at a time, as JSON.
+
+Each option loads the base + adapter its own way, answers the held-out questions (one warm-up answer first) and
+reports decode tokens/s, mean latency per answer and whether every answer equals the reference path's: the
+validate stage's own load_base + attach_adapter + generate_answer (unfused LoRA on the dense float32 base, what
+`farense ask` ran before farense.inference). Options that are slow on CPU answer only --slow-questions questions.
+
+    python benchmarks/decode_speed.py --artifacts artifacts [--questions data/eval/questions.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+import farense  # noqa: E402,F401  (preloads OpenBLAS before mlx)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+from farense import inference  # noqa: E402
+from farense.evaluate import attach_adapter, generate_answer, load_base, load_questions  # noqa: E402
+from farense.export import METADATA_FILE, published_version  # noqa: E402
+
+Answerer = Callable[[str], tuple[str, int, float]]  # question -> (text, tokens, seconds)
+
+
+def reference(base: Path, adapter: Path, system: str | None) -> Answerer:
+    model, tokenizer, _ = load_base(base)
+    model = attach_adapter(model, adapter)
+
+    def ask(q: str) -> tuple[str, int, float]:
+        a = generate_answer(model, tokenizer, inference.chat_prompt(tokenizer, q, system), MAX_TOKENS)
+        return a.text, a.tokens, a.seconds
+
+    return ask
+
+
+def engine(**options: Any) -> Callable[[Path, Path, str | None], Answerer]:
+    quantize_bits = options.pop("quantize_bits", None)
+
+    def build(base: Path, adapter: Path, system: str | None) -> Answerer:
+        im = inference.load(base, adapter, system_prompt=system, **options)
+        if quantize_bits:
+            # MLX's own quantized matmul on the fused dense weights (the embedding/lm_head included).
+            nn.quantize(im.model, group_size=64, bits=quantize_bits)
+            mx.eval(im.model.parameters())
+            im.cache_prefix(im._prefix)
+
+        def ask(q: str) -> tuple[str, int, float]:
+            g = im.generate(q, MAX_TOKENS)
+            return g.text, g.tokens, g.seconds
+
+        return ask
+
+    return build
+
+
+OPTIONS: dict[str, tuple[Callable[..., Answerer], bool]] = {  # name -> (builder, slow on CPU)
+    "reference: unfused LoRA, float32 (validate stage path)": (reference, False),
+    "fused, float32": (engine(prefix_cache=False), False),
+    "unfused, float32, system-prefix KV cache": (engine(fuse=False), False),
+    "fused, float32, system-prefix KV cache (farense.inference default)": (engine(), False),
+    "fused, bfloat16, system-prefix KV cache": (engine(dtype="bfloat16"), True),
+    "fused, float16, system-prefix KV cache": (engine(dtype="float16"), True),
+    "fused, 8-bit MLX quantized, system-prefix KV cache": (engine(quantize_bits=8), True),
+}
+MAX_TOKENS = 48
+
+
+def main() -> None:
+    global MAX_TOKENS
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
+    p.add_argument("--questions", type=Path, default=ROOT / "data/eval/questions.jsonl")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    p.add_argument("--slow-questions", type=int, default=2, help="questions for the options slow on CPU (0: skip)")
+    p.add_argument("--only", action="append", help="run only options whose name contains this (repeatable)")
+    args = p.parse_args()
+    MAX_TOKENS = args.max_tokens
+    version = published_version(args.artifacts)
+    if version is None:
+        sys.exit(f"no published adapter under {args.artifacts}; run `farense run` first")
+    meta = json.loads((version / METADATA_FILE).read_text())
+    base, system = Path(meta["base_model"]["path"]), meta.get("system_prompt")
+    questions = [q["question"] for q in load_questions(args.questions)]
+
+    results, expected = [], None
+    for name, (build, slow) in OPTIONS.items():
+        if args.only and not any(s in name for s in args.only):
+            continue
+        qs = questions[: args.slow_questions] if slow else questions
+        if not qs:
+            continue
+        t0 = time.perf_counter()
+        ask = build(base, version, system)
+        load_s = time.perf_counter() - t0
+        ask(qs[0])  # warm-up
+        answers = [ask(q) for q in qs]
+        if expected is None:
+            expected = {q: a[0] for q, a in zip(qs, answers)}
+        tokens, seconds = sum(a[1] for a in answers), sum(a[2] for a in answers)
+        results.append({
+            "option": name,
+            "questions": len(qs),
+            "load_seconds": round(load_s, 2),
+            "tokens": tokens,
+            "tokens_per_second": round(tokens / seconds, 1),
+            "mean_answer_seconds": round(seconds / len(qs), 3),
+            "answers_equal_reference": all(expected.get(q) == a[0] for q, a in zip(qs, answers)),
+            "differing": [q for q, a in zip(qs, answers) if expected.get(q, a[0]) != a[0]],
+        })  # fmt: skip
+        print(json.dumps(results[-1], ensure_ascii=False), file=sys.stderr)
+        del ask
+        gc.collect()
+        mx.clear_cache()
+    print(json.dumps({"machine": f"{platform.machine()} {platform.processor()}".strip(), "adapter": version.name,
+                      "max_tokens": MAX_TOKENS, "results": results}, indent=2, ensure_ascii=False))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
