@@ -3,7 +3,8 @@
 Each option loads the base + adapter its own way, answers the held-out questions (one warm-up answer first) and
 reports decode tokens/s, mean latency per answer and whether every answer equals the reference path's: the
 validate stage's own load_base + attach_adapter + generate_answer (unfused LoRA on the dense float32 base, what
-`farense ask` ran before farense.inference). Options that are slow on CPU answer only --slow-questions questions.
+`farense ask` ran before farense.inference). tokens_per_second counts the whole answer (prompt included), as a
+user waits for it. Options that are slow on CPU answer only --slow-questions questions, one option at a time.
 
     python benchmarks/decode_speed.py --artifacts artifacts [--questions data/eval/questions.jsonl]
 """
@@ -66,14 +67,30 @@ def engine(**options: Any) -> Callable[[Path, Path, str | None], Answerer]:
 
 OPTIONS: dict[str, tuple[Callable[..., Answerer], bool]] = {  # name -> (builder, slow on CPU)
     "reference: unfused LoRA, float32 (validate stage path)": (reference, False),
-    "fused, float32": (engine(prefix_cache=False), False),
-    "unfused, float32, system-prefix KV cache": (engine(fuse=False), False),
-    "fused, float32, system-prefix KV cache (farense.inference default)": (engine(), False),
-    "fused, bfloat16, system-prefix KV cache": (engine(dtype="bfloat16"), True),
-    "fused, float16, system-prefix KV cache": (engine(dtype="float16"), True),
-    "fused, 8-bit MLX quantized, system-prefix KV cache": (engine(quantize_bits=8), True),
+    "fused, float32": (engine(prefix_cache=False, draft_tokens=0), False),
+    "unfused, float32, system-prefix KV cache": (engine(fuse=False, draft_tokens=0), False),
+    "fused, float32, system-prefix KV cache": (engine(draft_tokens=0), False),
+    "fused, float32, prefix cache, prompt-lookup speculation 2": (engine(draft_tokens=2), False),
+    "fused, float32, prefix cache, prompt-lookup speculation 4 (farense.inference default)": (engine(), False),
+    "fused, float32, prefix cache, prompt-lookup speculation 6": (engine(draft_tokens=6), False),
+    "fused, bfloat16, system-prefix KV cache": (engine(dtype="bfloat16", draft_tokens=0), True),
+    "fused, float16, system-prefix KV cache": (engine(dtype="float16", draft_tokens=0), True),
+    "fused, 8-bit MLX quantized, system-prefix KV cache": (engine(quantize_bits=8, draft_tokens=0), True),
 }
 MAX_TOKENS = 48
+
+
+def summary(name: str, qs: list[str], answers: list[tuple[str, int, float]], load_s: float,
+            expected: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+    tokens, seconds = sum(a[1] for a in answers), sum(a[2] for a in answers)
+    row = {
+        "option": name, "answers": len(qs), "load_seconds": round(load_s, 2), "tokens": tokens,
+        "tokens_per_second": round(tokens / seconds, 1), "mean_answer_seconds": round(seconds / len(qs), 3),
+        "answers_equal_reference": all(expected.get(q) == a[0] for q, a in zip(qs, answers)),
+        "differing": sorted({q for q, a in zip(qs, answers) if expected.get(q) != a[0]}),
+    }  # fmt: skip
+    print(json.dumps(row, ensure_ascii=False), file=sys.stderr)
+    return row
 
 
 def main() -> None:
@@ -83,6 +100,7 @@ def main() -> None:
     p.add_argument("--questions", type=Path, default=ROOT / "data/eval/questions.jsonl")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     p.add_argument("--slow-questions", type=int, default=2, help="questions for the options slow on CPU (0: skip)")
+    p.add_argument("--rounds", type=int, default=1, help="times each option answers every question")
     p.add_argument("--only", action="append", help="run only options whose name contains this (repeatable)")
     args = p.parse_args()
     MAX_TOKENS = args.max_tokens
@@ -93,35 +111,35 @@ def main() -> None:
     base, system = Path(meta["base_model"]["path"]), meta.get("system_prompt")
     questions = [q["question"] for q in load_questions(args.questions)]
 
-    results, expected = [], None
-    for name, (build, slow) in OPTIONS.items():
-        if args.only and not any(s in name for s in args.only):
-            continue
-        qs = questions[: args.slow_questions] if slow else questions
-        if not qs:
-            continue
+    selected = {n: v for n, v in OPTIONS.items() if not args.only or any(s in n for s in args.only)}
+    fast = {n: b for n, (b, slow) in selected.items() if not slow}
+    slow = {n: b for n, (b, slow) in selected.items() if slow} if args.slow_questions > 0 else {}
+    # All options stay loaded and take turns question by question (rotating which goes first), so that the
+    # load other jobs put on a shared machine falls on every option alike.
+    loaded: dict[str, tuple[Answerer, float]] = {}
+    for name, build in fast.items():
+        t0 = time.perf_counter()
+        ask = build(base, version, system)
+        loaded[name] = (ask, time.perf_counter() - t0)
+        ask(questions[0])  # warm-up
+    answers: dict[str, list[tuple[str, int, float]]] = {n: [] for n in loaded}
+    names = list(loaded)
+    for i, q in enumerate(questions * args.rounds):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            answers[name].append(loaded[name][0](q))
+    expected = dict(zip(questions, (a[0] for a in answers[names[0]]))) if names else {}
+    results = [summary(n, questions * args.rounds, answers[n], loaded[n][1], expected) for n in names]
+    for name, build in slow.items():  # one at a time: each holds another copy of the model
+        loaded.clear()
+        gc.collect()
+        mx.clear_cache()
         t0 = time.perf_counter()
         ask = build(base, version, system)
         load_s = time.perf_counter() - t0
-        ask(qs[0])  # warm-up
-        answers = [ask(q) for q in qs]
-        if expected is None:
-            expected = {q: a[0] for q, a in zip(qs, answers)}
-        tokens, seconds = sum(a[1] for a in answers), sum(a[2] for a in answers)
-        results.append({
-            "option": name,
-            "questions": len(qs),
-            "load_seconds": round(load_s, 2),
-            "tokens": tokens,
-            "tokens_per_second": round(tokens / seconds, 1),
-            "mean_answer_seconds": round(seconds / len(qs), 3),
-            "answers_equal_reference": all(expected.get(q) == a[0] for q, a in zip(qs, answers)),
-            "differing": [q for q, a in zip(qs, answers) if expected.get(q, a[0]) != a[0]],
-        })  # fmt: skip
-        print(json.dumps(results[-1], ensure_ascii=False), file=sys.stderr)
+        qs = questions[: args.slow_questions]
+        ask(qs[0])
+        results.append(summary(name, qs, [ask(q) for q in qs], load_s, expected))
         del ask
-        gc.collect()
-        mx.clear_cache()
     print(json.dumps({"machine": f"{platform.machine()} {platform.processor()}".strip(), "adapter": version.name,
                       "max_tokens": MAX_TOKENS, "results": results}, indent=2, ensure_ascii=False))  # fmt: skip
 

@@ -7,6 +7,10 @@ What makes it faster than stock mlx-lm with `--adapter-path` on CPU (benchmarks/
   that is 210 fewer pairs of small matmuls (7 projections x 30 layers for SmolLM2) for the same weights read.
 - The KV cache of the fixed prefix every prompt starts with (chat template + system prompt) is computed once and
   kept; each answer runs only its own tokens on top and then trims the cache back to the prefix.
+- Speculative decoding with mlx-lm's own loop, with a draft that costs nothing: prompt lookup. The next tokens are
+  guessed from where the last few tokens occurred before (in this prompt and answer, or in earlier answers), and
+  the model checks several guesses in one forward pass. Decoding on CPU is bound by reading the weights, so
+  checking 4 tokens costs about as much as producing 1. Only tokens the model itself picks greedily are kept.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 Messages = Sequence[dict[str, str]]
+DRAFT_TOKENS = 4  # guesses checked per forward pass (benchmarks/decode_speed.py compares 0, 2, 4, 6)
 Prompt = Union[str, Sequence[int], Messages]
 
 
@@ -54,6 +59,8 @@ class InferenceModel:
     options: dict[str, Any] = field(default_factory=dict)
     _prefix: list[int] = field(default_factory=list)
     _cache: list[Any] | None = None
+    draft: "PromptLookupDraft | None" = None
+    draft_tokens: int = 0
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """Token ids for a question (asked with the system prompt), a message list, or ids as given."""
@@ -86,13 +93,20 @@ class InferenceModel:
         start = time.perf_counter()
         cached = self._reusable_prefix(ids)
         cache = self._cache if cached else None
+        speculative: dict[str, Any] = {}
+        if self.draft is not None:
+            history = self.draft.start(ids[:cached])
+            cache = (cache or _fresh_cache(self.model)) + [history]
+            speculative = {"draft_model": self.draft, "num_draft_tokens": self.draft_tokens}
         pieces: list[str] = []
+        answer: list[int] = []
         last = None
         try:
             for response in stream_generate(
-                self.model, self.tokenizer, ids[cached:], max_tokens=max_tokens, prompt_cache=cache
+                self.model, self.tokenizer, ids[cached:], max_tokens=max_tokens, prompt_cache=cache, **speculative
             ):
                 last = response
+                answer.append(response.token)
                 if response.text:
                     pieces.append(response.text)
                     yield response.text
@@ -101,6 +115,8 @@ class InferenceModel:
                 from mlx_lm.models.cache import trim_prompt_cache
 
                 trim_prompt_cache(self._cache, self._cache[0].offset - cached)
+            if self.draft is not None:
+                self.draft.remember(answer)
         seconds = time.perf_counter() - start
         if last is None:
             yield Generation("", 0, len(ids), seconds, None, cached)
@@ -134,6 +150,7 @@ def load(
     prefix_cache: bool = True,
     compute_path: str = "auto",
     dtype: str | None = None,
+    draft_tokens: int = DRAFT_TOKENS,
 ) -> InferenceModel:
     """Load the base (compute path applied), add the adapter and fuse it; cache the system prompt's prefix."""
     from mlx_lm.utils import load as mlx_load
@@ -156,8 +173,11 @@ def load(
     im = InferenceModel(model, tokenizer, system_prompt, context_length(Path(base_dir)))
     if prefix_cache:
         im.cache_prefix(system_prefix(tokenizer, system_prompt))
+    if draft_tokens > 0:
+        im.draft, im.draft_tokens = PromptLookupDraft(), draft_tokens
+        im.draft._vocab = int(getattr(getattr(model, "args", None), "vocab_size", 0) or tokenizer.vocab_size)
     im.options = {"fuse": fuse and adapter_dir is not None, "prefix_cache": bool(im._prefix),
-                  "prefix_tokens": len(im._prefix), "compute": info,
+                  "prefix_tokens": len(im._prefix), "prompt_lookup_draft_tokens": draft_tokens, "compute": info,
                   "load_seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
     return im
 
@@ -199,3 +219,80 @@ def system_prefix(tokenizer: Any, system_prompt: str | None) -> list[int]:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return a[:n]
+
+
+def _fresh_cache(model: nn.Module) -> list[Any]:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model)
+
+
+class TokenHistory:
+    """The draft's "KV cache": the token ids it has seen, trimmed by mlx-lm when guesses are rejected."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = list(tokens)
+
+    @property
+    def state(self) -> mx.array:
+        return mx.array(self.tokens[-1:], mx.uint32)
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(n, len(self.tokens))
+        del self.tokens[len(self.tokens) - n :]
+        return n
+
+
+class PromptLookupDraft(nn.Module):
+    """A draft "model" for mlx-lm's speculative_generate_step that guesses by prompt lookup: the token that
+    followed the longest recent match (up to `max_ngram` tokens) of the sequence's tail, searched in the sequence
+    itself and then in the last `memory` answers. Its logits are one-hot; mlx-lm keeps a guess only where the
+    real model's greedy token is the same, so the answer does not depend on how good the guesses are."""
+
+    def __init__(self, max_ngram: int = 4, memory: int = 64) -> None:
+        super().__init__()
+        self.layers: list[Any] = []  # mlx-lm splits prompt caches by len(model.layers)
+        self.max_ngram, self.memory = max_ngram, memory
+        self._answers: list[list[int]] = []
+        self._index: dict[tuple[int, ...], int] = {}
+        self._vocab = 0
+
+    def make_cache(self) -> list[Any]:
+        return [TokenHistory([])]
+
+    def start(self, prefix: list[int]) -> TokenHistory:
+        return TokenHistory(prefix)
+
+    def remember(self, answer: list[int]) -> None:
+        """Index a finished answer's n-grams for later guesses (the most recent answer wins a tie)."""
+        if not answer:
+            return
+        self._answers = [*self._answers, list(answer)][-self.memory :]
+        self._index = {}
+        for a in self._answers:
+            for n in range(1, self.max_ngram + 1):
+                for i in range(len(a) - n):
+                    self._index[tuple(a[i : i + n])] = a[i + n]
+
+    def guess(self, seq: list[int]) -> int:
+        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            tail = seq[-n:]
+            for i in range(len(seq) - n - 1, -1, -1):  # latest earlier occurrence in this sequence
+                if seq[i : i + n] == tail:
+                    return seq[i + n]
+            hit = self._index.get(tuple(tail))
+            if hit is not None:
+                return hit
+        return seq[-1]
+
+    def __call__(self, inputs: mx.array, cache: list[Any]) -> mx.array:
+        history: TokenHistory = cache[0]
+        history.tokens.extend(int(t) for t in inputs.reshape(-1).tolist())
+        if not self._vocab:
+            raise RuntimeError("PromptLookupDraft.vocab_size must be set before use")
+        nxt = self.guess(history.tokens)
+        row = mx.where(mx.arange(self._vocab) == nxt, 0.0, -1e9)
+        return mx.broadcast_to(row, (1, inputs.shape[-1], self._vocab))
