@@ -72,7 +72,7 @@ OPTIONS: dict[str, tuple[Callable[..., Answerer], bool]] = {  # name -> (builder
     "fused, float32, system-prefix KV cache": (engine(draft_tokens=0), False),
     "fused, float32, prefix cache, prompt-lookup speculation 2": (engine(draft_tokens=2), False),
     "fused, float32, prefix cache, prompt-lookup speculation 4 (farense.inference default)": (engine(), False),
-    "fused, float32, prefix cache, prompt-lookup speculation 6": (engine(draft_tokens=6), False),
+    "fused, float32, prefix cache, prompt-lookup speculation 8": (engine(draft_tokens=8), False),
     "fused, bfloat16, system-prefix KV cache": (engine(dtype="bfloat16", draft_tokens=0), True),
     "fused, float16, system-prefix KV cache": (engine(dtype="float16", draft_tokens=0), True),
     "fused, 8-bit MLX quantized, system-prefix KV cache": (engine(quantize_bits=8, draft_tokens=0), True),

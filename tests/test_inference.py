@@ -57,3 +57,16 @@ def test_prompt_lookup_guesses_from_the_sequence_then_from_earlier_answers() -> 
     assert draft.guess([1, 2, 3]) == 4
     history = draft.start([1, 2])
     assert history.trim(1) == 1 and history.tokens == [1]
+
+
+def test_the_dense_copy_loads_back_to_the_same_answers(version: Path, tmp_path: Path) -> None:
+    meta = json.loads((version / "metadata.json").read_text())
+    base, copy = Path(meta["base_model"]["path"]), tmp_path / "dense"
+    first = load(base, version, system_prompt=meta["system_prompt"], dense_copy=copy)
+    assert not first.options["from_dense_copy"] and (copy / "config.json").is_file()
+    assert "quantization" not in json.loads((copy / "config.json").read_text())
+    again = load(base, version, system_prompt=meta["system_prompt"], dense_copy=copy)
+    assert again.options["from_dense_copy"] and again.context_length == first.context_length
+    for q in QUESTIONS:
+        a, b = first.generate(q, 30), again.generate(q, 30)
+        assert (a.text, a.tokens) == (b.text, b.tokens)

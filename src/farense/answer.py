@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 DEFAULT_MAX_TOKENS = 256
+SERVING_DIR = "serving"  # artifacts/serving/<version>: the fused float32 model, made on the first load
 
 
 @dataclass
@@ -63,8 +64,22 @@ def load_published(artifacts_dir: Path, compute_path: str = "auto", version: Pat
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     if meta["base_model"].get("weights_bytes") not in (None, size):
         raise AskError(f"the base model at {base} is not the one {version.name} was trained on (weights changed)")
-    engine = load(base, version, system_prompt=meta.get("system_prompt"), compute_path=compute_path)
+    engine = load(base, version, system_prompt=meta.get("system_prompt"), compute_path=compute_path,
+                  dense_copy=dense_copy_dir(artifacts_dir, version))  # fmt: skip
     return PublishedModel(engine, meta, version)
+
+
+def dense_copy_dir(artifacts_dir: Path, version: Path) -> Path:
+    """Where the fused float32 model of a published version is kept for fast loads; copies of other versions are
+    removed (a version never changes, so its name is the key)."""
+    import shutil
+
+    root = Path(artifacts_dir) / SERVING_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():
+        if old.is_dir() and old.name != version.name and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+    return root / version.name
 
 
 def answer(pm: PublishedModel, prompt: str, max_tokens: int, history: list[dict[str, str]] | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ What makes it faster than stock mlx-lm with `--adapter-path` on CPU (benchmarks/
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 Messages = Sequence[dict[str, str]]
-DRAFT_TOKENS = 4  # guesses checked per forward pass (benchmarks/decode_speed.py compares 0, 2, 4, 6)
+DRAFT_TOKENS = 4  # guesses checked per forward pass (benchmarks/decode_speed.py compares 0, 2, 4, 8)
 Prompt = Union[str, Sequence[int], Messages]
 
 
@@ -151,18 +152,25 @@ def load(
     compute_path: str = "auto",
     dtype: str | None = None,
     draft_tokens: int = DRAFT_TOKENS,
+    dense_copy: Path | None = None,
 ) -> InferenceModel:
-    """Load the base (compute path applied), add the adapter and fuse it; cache the system prompt's prefix."""
+    """Load the base (compute path applied), add the adapter and fuse it; cache the system prompt's prefix.
+
+    `dense_copy`: a folder for the fused dense model. Loading it back skips dequantizing and fusing (the slow part
+    of a cold start on CPU); it is written on the first load, and read when it exists (the caller keys it by
+    adapter version, which never changes once published).
+    """
     from mlx_lm.utils import load as mlx_load
 
     from farense.compute import apply_compute_path, select_compute_path
 
     start = time.perf_counter()
-    model, tokenizer = mlx_load(str(base_dir))
+    from_copy = dense_copy is not None and (Path(dense_copy) / DENSE_COMPLETE).is_file()
+    model, tokenizer = mlx_load(str(dense_copy if from_copy else base_dir))
     path = select_compute_path(compute_path)
     dense_dtype = getattr(mx, dtype) if dtype else None
     info = apply_compute_path(model, path, dense_dtype)
-    if adapter_dir is not None:
+    if adapter_dir is not None and not from_copy:
         from mlx_lm.tuner.utils import load_adapters
 
         model = load_adapters(model, str(adapter_dir))
@@ -170,6 +178,8 @@ def load(
             fuse_adapters(model)
     model.eval()
     mx.eval(model.parameters())
+    if dense_copy is not None and not from_copy and fuse and info["layers_converted"] > 0:
+        save_dense_copy(model, Path(base_dir), Path(dense_copy))
     im = InferenceModel(model, tokenizer, system_prompt, context_length(Path(base_dir)))
     if prefix_cache:
         im.cache_prefix(system_prefix(tokenizer, system_prompt))
@@ -178,8 +188,36 @@ def load(
         im.draft._vocab = int(getattr(getattr(model, "args", None), "vocab_size", 0) or tokenizer.vocab_size)
     im.options = {"fuse": fuse and adapter_dir is not None, "prefix_cache": bool(im._prefix),
                   "prefix_tokens": len(im._prefix), "prompt_lookup_draft_tokens": draft_tokens, "compute": info,
+                  "from_dense_copy": from_copy,
                   "load_seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
     return im
+
+
+DENSE_COMPLETE = "farense-dense-complete"
+
+
+def save_dense_copy(model: nn.Module, base_dir: Path, dest: Path) -> None:
+    """Write the loaded (fused, dense) model as an mlx-lm model folder, atomically: a temp folder renamed."""
+    import shutil
+
+    from mlx_lm.utils import save_config, save_model
+
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(tmp, model)
+    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    for key in ("quantization", "quantization_config"):
+        config.pop(key, None)
+    save_config(config, tmp / "config.json")
+    for f in base_dir.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copyfile(f, tmp / f.name)
+    (tmp / DENSE_COMPLETE).write_text(str(base_dir) + "\n", encoding="utf-8")
+    try:
+        tmp.rename(dest)
+    except OSError:  # another process wrote it first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def context_length(base_dir: Path, default: int = 2048) -> int:
