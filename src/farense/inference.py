@@ -95,7 +95,8 @@ class InferenceModel:
         cached = self._reusable_prefix(ids)
         cache = self._cache if cached else None
         speculative: dict[str, Any] = {}
-        if self.draft is not None:
+        # With no earlier answer to draft from, wrong guesses would only add work: decode plainly.
+        if self.draft is not None and self.draft.has_memory:
             history = self.draft.start(ids[:cached])
             cache = (cache or _fresh_cache(self.model)) + [history]
             speculative = {"draft_model": self.draft, "num_draft_tokens": self.draft_tokens}
@@ -300,6 +301,10 @@ class PromptLookupDraft(nn.Module):
 
     def make_cache(self) -> list[Any]:
         return [TokenHistory([])]
+
+    @property
+    def has_memory(self) -> bool:
+        return bool(self._answers)
 
     def start(self, prefix: list[int]) -> TokenHistory:
         return TokenHistory(prefix)
