@@ -29,7 +29,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 Messages = Sequence[dict[str, str]]
-DRAFT_TOKENS = 4  # guesses checked per forward pass (benchmarks/decode_speed.py compares 0, 2, 4, 8)
+DRAFT_TOKENS = 8  # guesses checked per forward pass (benchmarks/decode_speed.py compares 0, 2, 4, 8)
 Prompt = Union[str, Sequence[int], Messages]
 
 
