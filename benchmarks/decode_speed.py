@@ -28,7 +28,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 from farense import inference  # noqa: E402
-from farense.evaluate import attach_adapter, generate_answer, load_base, load_questions  # noqa: E402
+from farense.evaluate import attach_adapter, generate_answer, load_base  # noqa: E402
 from farense.export import METADATA_FILE, published_version  # noqa: E402
 
 Answerer = Callable[[str], tuple[str, int, float]]  # question -> (text, tokens, seconds)
@@ -109,7 +109,8 @@ def main() -> None:
         sys.exit(f"no published adapter under {args.artifacts}; run `farense run` first")
     meta = json.loads((version / METADATA_FILE).read_text())
     base, system = Path(meta["base_model"]["path"]), meta.get("system_prompt")
-    questions = [q["question"] for q in load_questions(args.questions)]
+    lines = args.questions.read_text(encoding="utf-8").splitlines()
+    questions = [json.loads(line)["question"] for line in lines if line.strip()]
 
     selected = {n: v for n, v in OPTIONS.items() if not args.only or any(s in n for s in args.only)}
     fast = {n: b for n, (b, slow) in selected.items() if not slow}
