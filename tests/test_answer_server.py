@@ -303,3 +303,14 @@ def test_a_newly_published_adapter_is_swapped_in_without_dropping_requests(
     assert without_latency(after) == expected and after["adapter"] == new.name
     assert before["adapter"] == old.name
     assert f"switched adapter {old.name} -> {new.name}" in caplog.text
+
+
+def test_without_room_for_the_float32_copy_it_still_serves(published: Path, tmp_path: Path) -> None:
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(published, artifacts, symlinks=True, ignore=shutil.ignore_patterns("serving"))
+    (artifacts / "serving").write_text("not a folder")  # as a read-only or full disk would, mkdir fails
+    with ThreadServer(artifacts, watch_seconds=0) as s:
+        r = httpx.post(f"{s.url}/ask", json={"prompt": QUESTIONS[0], "max_tokens": 6}, timeout=60)
+        assert r.status_code == 200
+        assert without_latency(r.json()) == without_latency(answer(direct(published), QUESTIONS[0], 6))
+        assert not s.app.state.worker.current.engine.options["from_dense_copy"]

@@ -69,16 +69,20 @@ def load_published(artifacts_dir: Path, compute_path: str = "auto", version: Pat
     return PublishedModel(engine, meta, version)
 
 
-def dense_copy_dir(artifacts_dir: Path, version: Path) -> Path:
+def dense_copy_dir(artifacts_dir: Path, version: Path) -> Path | None:
     """Where the fused float32 model of a published version is kept for fast loads; copies of other versions are
-    removed (a version never changes, so its name is the key)."""
+    removed (a version never changes, so its name is the key). None when the artifacts folder is read-only."""
     import shutil
 
     root = Path(artifacts_dir) / SERVING_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    for old in root.iterdir():
-        if old.is_dir() and old.name != version.name and not old.name.startswith("."):
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for old in root.iterdir():
+            if old.is_dir() and old.name != version.name and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        print(f"farense: no float32 copy under {root} ({e}); loading the 4-bit base each time", file=sys.stderr)
+        return None
     return root / version.name
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -180,7 +181,10 @@ def load(
     model.eval()
     mx.eval(model.parameters())
     if dense_copy is not None and not from_copy and fuse and info["layers_converted"] > 0:
-        save_dense_copy(model, Path(base_dir), Path(dense_copy))
+        try:
+            save_dense_copy(model, Path(base_dir), Path(dense_copy))
+        except OSError as e:  # a full or read-only disk costs speed, not the answer
+            print(f"farense: could not write the float32 copy {dense_copy}: {e}", file=sys.stderr)
     im = InferenceModel(model, tokenizer, system_prompt, context_length(Path(base_dir)))
     if prefix_cache:
         im.cache_prefix(system_prefix(tokenizer, system_prompt))
