@@ -70,3 +70,16 @@ def test_the_dense_copy_loads_back_to_the_same_answers(version: Path, tmp_path: 
     for q in QUESTIONS:
         a, b = first.generate(q, 30), again.generate(q, 30)
         assert (a.text, a.tokens) == (b.text, b.tokens)
+
+
+def test_an_answer_abandoned_midway_leaves_the_prefix_cache_intact(version: Path) -> None:
+    meta = json.loads((version / "metadata.json").read_text())
+    im = load(Path(meta["base_model"]["path"]), version, system_prompt=meta["system_prompt"])
+    expected = [im.generate(q, 30) for q in QUESTIONS]  # also gives the draft earlier answers
+    for q in QUESTIONS:
+        stream = im.stream(q, 30)
+        next(stream)
+        next(stream)
+        stream.close()  # a client that went away
+        assert im._cache[0].offset == len(im._prefix)
+    assert [(g.text, g.tokens) for g in (im.generate(q, 30) for q in QUESTIONS)] == [(g.text, g.tokens) for g in expected]

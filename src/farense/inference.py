@@ -104,16 +104,18 @@ class InferenceModel:
         pieces: list[str] = []
         answer: list[int] = []
         last = None
+        responses = stream_generate(
+            self.model, self.tokenizer, ids[cached:], max_tokens=max_tokens, prompt_cache=cache, **speculative
+        )
         try:
-            for response in stream_generate(
-                self.model, self.tokenizer, ids[cached:], max_tokens=max_tokens, prompt_cache=cache, **speculative
-            ):
+            for response in responses:
                 last = response
                 answer.append(response.token)
                 if response.text:
                     pieces.append(response.text)
                     yield response.text
         finally:
+            responses.close()  # mlx-lm rewinds its caches on close: let it do so before we trim to the prefix
             if cached:
                 from mlx_lm.models.cache import trim_prompt_cache
 
