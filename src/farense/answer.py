@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import IO, Any
 
 DEFAULT_MAX_TOKENS = 256
+SERVING_DIR = "serving"  # artifacts/serving/<version>: the fused float32 model, made on the first load
 
 
 @dataclass
 class PublishedModel:
-    model: Any
-    tokenizer: Any
+    engine: Any  # farense.inference.InferenceModel: the base with the adapter fused in
     metadata: dict[str, Any]
     version_dir: Path
 
@@ -47,12 +47,12 @@ def resolve_artifacts(artifacts: Path | None, config: Path | None) -> Path:
     return load_config(config_file_or_default(config)).artifacts_dir
 
 
-def load_published(artifacts_dir: Path, compute_path: str = "auto") -> PublishedModel:
-    """The adapter `published/latest` points to (resolved once), on its base model."""
-    from farense.evaluate import attach_adapter, load_base
+def load_published(artifacts_dir: Path, compute_path: str = "auto", version: Path | None = None) -> PublishedModel:
+    """The adapter `published/latest` points to (resolved once, or the given version folder), on its base model."""
     from farense.export import METADATA_FILE, published_root, published_version
+    from farense.inference import load
 
-    version = published_version(artifacts_dir)
+    version = version or published_version(artifacts_dir)
     if version is None:
         raise AskError(f"no published adapter under {published_root(artifacts_dir)}; run `farense run` first")
     meta = json.loads((version / METADATA_FILE).read_text(encoding="utf-8"))
@@ -64,27 +64,47 @@ def load_published(artifacts_dir: Path, compute_path: str = "auto") -> Published
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     if meta["base_model"].get("weights_bytes") not in (None, size):
         raise AskError(f"the base model at {base} is not the one {version.name} was trained on (weights changed)")
-    model, tokenizer, _ = load_base(base, compute_path)
-    model = attach_adapter(model, version)
-    return PublishedModel(model, tokenizer, meta, version)
+    engine = load(base, version, system_prompt=meta.get("system_prompt"), compute_path=compute_path,
+                  dense_copy=dense_copy_dir(artifacts_dir, version))  # fmt: skip
+    return PublishedModel(engine, meta, version)
 
 
-def answer(pm: PublishedModel, prompt: str, max_tokens: int) -> dict[str, Any]:
-    """Greedy answer in the chat template with the system prompt the adapter was validated with."""
-    from farense.evaluate import chat_prompt, generate_answer
+def dense_copy_dir(artifacts_dir: Path, version: Path) -> Path | None:
+    """Where the fused float32 model of a published version is kept for fast loads; copies of other versions are
+    removed (a version never changes, so its name is the key). None when the artifacts folder is read-only."""
+    import shutil
 
+    root = Path(artifacts_dir) / SERVING_DIR
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for old in root.iterdir():
+            if old.is_dir() and old.name != version.name and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        print(f"farense: no float32 copy under {root} ({e}); loading the 4-bit base each time", file=sys.stderr)
+        return None
+    return root / version.name
+
+
+def answer(pm: PublishedModel, prompt: str, max_tokens: int, history: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """Greedy answer in the chat template with the system prompt the adapter was validated with; `history` holds
+    earlier turns ({"role", "content"}) for a multi-turn chat, the prompt is the new user message."""
     if not prompt.strip():
         raise AskError("the prompt is empty")
     start = time.perf_counter()
-    ids = chat_prompt(pm.tokenizer, prompt, pm.metadata.get("system_prompt"))
-    a = generate_answer(pm.model, pm.tokenizer, ids, max_tokens)
+    g = pm.engine.generate([*history, {"role": "user", "content": prompt}] if history else prompt, max_tokens)
+    return answer_object(pm, prompt, g.text, g.tokens, time.perf_counter() - start)
+
+
+def answer_object(pm: PublishedModel, prompt: str, text: str, tokens: int, seconds: float) -> dict[str, Any]:
+    """The JSON object `farense ask` prints and `POST /ask` returns."""
     return {
         "prompt": prompt,
-        "answer": a.text,
+        "answer": text,
         "model": pm.name,
         "adapter": pm.adapter,
-        "tokens": a.tokens,
-        "latency_ms": round((time.perf_counter() - start) * 1000, 1),
+        "tokens": tokens,
+        "latency_ms": round(seconds * 1000, 1),
         "status": "ok",
     }
 

@@ -164,6 +164,22 @@ def ask(
     raise typer.Exit(ask_command(prompt, stdin, max_tokens, artifacts, config))
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind; other hosts need FARENSE_API_KEY set")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8080,
+    artifacts: Annotated[Optional[Path], typer.Option(help="Artifacts root (default: the config's artifacts_dir)")] = None,
+    config: ConfigOpt = None,
+    queue_size: Annotated[int, typer.Option(help="Requests that may wait for the model; more get 503")] = 8,
+    watch_seconds: Annotated[float, typer.Option(help="How often to look for a newly published adapter (0: never)")] = 2.0,
+) -> None:
+    """Answer over HTTP with the published adapter, loaded once: POST /ask, POST /v1/chat/completions, GET /health."""
+    from farense.answer import resolve_artifacts
+    from farense.answer_server import serve_command
+
+    raise typer.Exit(serve_command(host, port, resolve_artifacts(artifacts, config), queue_size, watch_seconds))
+
+
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, set_: SetOpt = None, schema: bool = False) -> None:
     """Print the effective configuration (or its JSON schema with --schema)."""

@@ -1,0 +1,85 @@
+"""farense.inference: every speed option gives the validate stage's greedy answers, token for token."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from farense.evaluate import attach_adapter, chat_prompt, generate_answer, load_base
+from farense.export import published_version
+from farense.inference import PromptLookupDraft, load
+from test_evaluate import tiny_project
+
+QUESTIONS = ["Onde joga o Farense?", "Quando foi fundado o Farense?", "Onde joga o Farense?", "Quais são as cores?"]
+
+
+@pytest.fixture(scope="module")
+def version(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    project = tiny_project(tmp_path_factory.mktemp("inference"), **{"benchmark.enabled": False})
+    project.run()
+    return published_version(project.cfg.artifacts_dir)
+
+
+@pytest.mark.parametrize("options", [
+    {"fuse": False, "prefix_cache": False, "draft_tokens": 0},
+    {"fuse": True, "prefix_cache": False, "draft_tokens": 0},
+    {"fuse": True, "prefix_cache": True, "draft_tokens": 0},
+    {"fuse": True, "prefix_cache": True, "draft_tokens": 4},
+    {"fuse": False, "prefix_cache": False, "draft_tokens": 3},
+])  # fmt: skip
+def test_fast_paths_answer_as_the_validate_stage(version: Path, options: dict) -> None:
+    meta = json.loads((version / "metadata.json").read_text())
+    base = Path(meta["base_model"]["path"])
+    model, tokenizer, _ = load_base(base)
+    model = attach_adapter(model, version)
+    im = load(base, version, system_prompt=meta["system_prompt"], **options)
+    for q in QUESTIONS * 2:  # the second round drafts from remembered answers
+        ids = chat_prompt(tokenizer, q, meta["system_prompt"])
+        expected = generate_answer(model, tokenizer, ids, 40)
+        got = im.generate(q, 40)
+        assert (got.text, got.tokens, got.finish_reason) == (expected.text, expected.tokens, expected.finish_reason)
+        assert got.prompt_tokens == len(ids)
+        assert got.prompt_tokens_cached == (im.options["prefix_tokens"] if options["prefix_cache"] else 0)
+    # Streaming gives the same text, and the prefix cache is back to the prefix after each answer.
+    pieces = list(im.stream(QUESTIONS[1], 40))
+    assert "".join(p for p in pieces if isinstance(p, str)).strip() == pieces[-1].text
+    if options["prefix_cache"]:
+        assert im._cache[0].offset == len(im._prefix) > 0
+
+
+def test_prompt_lookup_guesses_from_the_sequence_then_from_earlier_answers() -> None:
+    draft = PromptLookupDraft(max_ngram=3)
+    assert draft.guess([5, 6, 7, 1, 5, 6]) == 7  # "5 6" was followed by 7
+    assert draft.guess([1, 2, 3]) == 3  # nothing to go on: repeat the last token
+    draft.remember([9, 2, 3, 4])
+    assert draft.guess([1, 2, 3]) == 4
+    history = draft.start([1, 2])
+    assert history.trim(1) == 1 and history.tokens == [1]
+
+
+def test_the_dense_copy_loads_back_to_the_same_answers(version: Path, tmp_path: Path) -> None:
+    meta = json.loads((version / "metadata.json").read_text())
+    base, copy = Path(meta["base_model"]["path"]), tmp_path / "dense"
+    first = load(base, version, system_prompt=meta["system_prompt"], dense_copy=copy)
+    assert not first.options["from_dense_copy"] and (copy / "config.json").is_file()
+    assert "quantization" not in json.loads((copy / "config.json").read_text())
+    again = load(base, version, system_prompt=meta["system_prompt"], dense_copy=copy)
+    assert again.options["from_dense_copy"] and again.context_length == first.context_length
+    for q in QUESTIONS:
+        a, b = first.generate(q, 30), again.generate(q, 30)
+        assert (a.text, a.tokens) == (b.text, b.tokens)
+
+
+def test_an_answer_abandoned_midway_leaves_the_prefix_cache_intact(version: Path) -> None:
+    meta = json.loads((version / "metadata.json").read_text())
+    im = load(Path(meta["base_model"]["path"]), version, system_prompt=meta["system_prompt"])
+    expected = [im.generate(q, 30) for q in QUESTIONS]  # also gives the draft earlier answers
+    for q in QUESTIONS:
+        stream = im.stream(q, 30)
+        next(stream)
+        next(stream)
+        stream.close()  # a client that went away
+        assert im._cache[0].offset == len(im._prefix)
+    assert [(g.text, g.tokens) for g in (im.generate(q, 30) for q in QUESTIONS)] == [(g.text, g.tokens) for g in expected]
