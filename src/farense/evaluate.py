@@ -25,8 +25,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from farense.config import FarenseConfig
-from farense.errors import DataError, FarenseError
-from farense.fact_scoring import HeldOutQuestion, Verdict, fact_summary, headline, load_questions, score_answer
+from farense.errors import FarenseError
+from farense.fact_scoring import HeldOutQuestion, Verdict, fact_summary, headline, load_questions, numbered_jsonl_objects, score_answer
 from farense.store import sha256_file
 
 ADAPTER_DIR = "adapter"
@@ -70,19 +70,7 @@ def token_f1(prediction: str, reference: str) -> dict[str, float]:
 
 
 def load_jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove the line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+    return [row for _, row in numbered_jsonl_objects(path)]
 
 
 def most_common_system_prompt(rows: Sequence[dict[str, Any]]) -> str | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -80,10 +80,8 @@ class HeldOutQuestion(BaseModel):
         return bool(self.must) or self.category in MUST_DECLINE
 
 
-def load_questions(path: Path, limit: int = -1) -> list[HeldOutQuestion]:
-    """Held-out questions, one JSON object per line; a bad line is an error naming the file, line and field."""
-    questions: list[HeldOutQuestion] = []
-    seen: dict[str, int] = {}
+def numbered_jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object is an error naming it."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -94,17 +92,25 @@ def load_questions(path: Path, limit: int = -1) -> list[HeldOutQuestion]:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove the line") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            row.setdefault("id", str(len(questions) + 1))
-            try:
-                q = HeldOutQuestion.model_validate(row)
-            except ValidationError as e:
-                first = e.errors()[0]
-                field = ".".join(str(p) for p in first["loc"]) or "<line>"
-                raise DataError(f"{path}:{n}: field '{field}': {first['msg']}") from None
-            if q.id in seen:
-                raise DataError(f"{path}:{n}: id '{q.id}' is already used on line {seen[q.id]}")
-            seen[q.id] = n
-            questions.append(q)
+            yield n, row
+
+
+def load_questions(path: Path, limit: int = -1) -> list[HeldOutQuestion]:
+    """Held-out questions, one JSON object per line; a bad line is an error naming the file, line and field."""
+    questions: list[HeldOutQuestion] = []
+    seen: dict[str, int] = {}
+    for n, row in numbered_jsonl_objects(path):
+        row.setdefault("id", str(len(questions) + 1))
+        try:
+            q = HeldOutQuestion.model_validate(row)
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "<line>"
+            raise DataError(f"{path}:{n}: field '{field}': {first['msg']}") from None
+        if q.id in seen:
+            raise DataError(f"{path}:{n}: id '{q.id}' is already used on line {seen[q.id]}")
+        seen[q.id] = n
+        questions.append(q)
     return questions[:limit] if limit > 0 else questions
 
 
