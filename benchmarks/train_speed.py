@@ -31,10 +31,12 @@ import psutil  # noqa: E402
 
 from farense.blas import blas_status  # noqa: E402
 from farense.checkpoint import TrainState  # noqa: E402
-from farense.config import load_config  # noqa: E402
+from farense.config import load_config, parse_override  # noqa: E402
 from farense.progress import NullReporter  # noqa: E402
 from farense.stages import StageContext, run_local  # noqa: E402
 from farense.train import (  # noqa: E402
+    BatchOrder,
+    collate,
     build_optimizer,
     drop_unlearnable,
     load_for_training,
@@ -54,6 +56,17 @@ def windows(tokens: list[int], seq: int, count: int) -> list[tuple[list[int], in
     return [(tokens[i * seq : (i + 1) * seq + 1], 0) for i in range(count)]
 
 
+def padding_share(examples: list[tuple[list[int], int]], tcfg) -> float:  # noqa: ANN001
+    """Pad tokens over all tokens the model processes in one epoch of the loop's batches."""
+    order = BatchOrder(examples, tcfg.batch_size, tcfg.seed)
+    real = processed = 0
+    for idx in order.batches:
+        batch, lengths = collate(examples, idx, tcfg.max_seq_length)
+        processed += batch.size
+        real += int(lengths[:, 1].sum().item())
+    return round(1 - real / processed, 4)
+
+
 def bare_loop(cfg, model_dir: Path, examples_fn, steps: int, path: str, label: str) -> None:  # noqa: ANN001
     tcfg = cfg.train.model_copy(update={"compute_path": path, "max_steps": steps + 1})
     mx.random.seed(tcfg.seed)
@@ -64,7 +77,8 @@ def bare_loop(cfg, model_dir: Path, examples_fn, steps: int, path: str, label: s
     train_loop(model, optimizer, examples, [], tcfg, state)  # warm-up step (compilation)
     state.total_steps = steps + 1
     result = train_loop(model, optimizer, examples, [], tcfg, state)
-    emit(measure=label, compute_path=compute["compute_path"], steps=steps, batch=tcfg.batch_size,
+    emit(measure=label, compute_path=compute["compute_path"], padding_share=padding_share(examples, tcfg),
+         masked_lm_head=tcfg.masked_lm_head, steps=steps, batch=tcfg.batch_size,
          seq=tcfg.max_seq_length, tokens_per_s=round(result.tokens_per_s, 1), seconds=round(result.seconds, 2),
          peak_gb=round(result.peak_gb, 3), rss_gb=round(psutil.Process().memory_info().rss / 1e9, 3))  # fmt: skip
 
@@ -74,7 +88,7 @@ def profile(cfg, model_dir: Path, examples_fn, steps: int) -> None:  # noqa: ANN
     import mlx.nn as nn
 
     from benchmarks.step_profile import profile_step
-    from farense.train import collate, loss_fn
+    from farense.train import loss_fn
 
     tcfg = cfg.train.model_copy(update={"max_steps": steps + 1})
     mx.random.seed(tcfg.seed)
@@ -104,12 +118,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--paths", default="dequantized,quantized", help="compute paths for `windows`")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="config override for every measurement, e.g. train.masked_lm_head=false")
     ap.add_argument("--only", choices=["windows", "loop", "stage", "profile"], default=None)
     args = ap.parse_args()
 
     overrides = {"train.batch_size": args.batch, "train.grad_accumulation": 1, "train.max_seq_length": args.seq,
                  "train.max_steps": args.steps, "train.eval_every": 10**6, "train.save_every": 10**6,
                  "train.log_every": 10**6, "train.warmup_steps": 0}  # fmt: skip
+    overrides |= dict(parse_override(text) for text in args.set)
     cfg = load_config(args.config, overrides, root=ROOT)
     built = run_local(cfg, until="model")
     data_dir, model_dir = Path(built["data"]["path"]), Path(built["model"]["path"])

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-POSITION_BUCKET = 128
+POSITION_BUCKET = 64
 # mlx-lm model types whose Model.__call__ is `lm_head(model(inputs))` (or the tied embedding) and nothing more:
 # no logit soft-capping or scaling that gathering before projecting would skip.
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
