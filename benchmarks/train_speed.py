@@ -8,6 +8,7 @@ Measurements:
            mask), per compute path; this is the "batch 4 x 128" figure.
   loop:    the bare loop (no callbacks, no checkpoints, no validation) on the data stage's chat split.
   stage:   the pipeline's train stage on the same split and config (callbacks, metrics file, checkpoints).
+  profile: where a `windows` step's time goes, per part of the model, with GFLOP/s (benchmarks/step_profile.py).
 Tokens/s counts non-padding tokens per second of loop time; peak_gb is MLX's peak, rss_gb the process RSS.
 """
 
@@ -30,10 +31,12 @@ import psutil  # noqa: E402
 
 from farense.blas import blas_status  # noqa: E402
 from farense.checkpoint import TrainState  # noqa: E402
-from farense.config import load_config  # noqa: E402
+from farense.config import load_config, parse_override  # noqa: E402
 from farense.progress import NullReporter  # noqa: E402
 from farense.stages import StageContext, run_local  # noqa: E402
 from farense.train import (  # noqa: E402
+    BatchOrder,
+    collate,
     build_optimizer,
     drop_unlearnable,
     load_for_training,
@@ -53,6 +56,17 @@ def windows(tokens: list[int], seq: int, count: int) -> list[tuple[list[int], in
     return [(tokens[i * seq : (i + 1) * seq + 1], 0) for i in range(count)]
 
 
+def padding_share(examples: list[tuple[list[int], int]], tcfg) -> float:  # noqa: ANN001
+    """Pad tokens over all tokens the model processes in one epoch of the loop's batches."""
+    order = BatchOrder(examples, tcfg.batch_size, tcfg.seed)
+    real = processed = 0
+    for idx in order.batches:
+        batch, lengths = collate(examples, idx, tcfg.max_seq_length)
+        processed += batch.size
+        real += int(lengths[:, 1].sum().item())
+    return round(1 - real / processed, 4)
+
+
 def bare_loop(cfg, model_dir: Path, examples_fn, steps: int, path: str, label: str) -> None:  # noqa: ANN001
     tcfg = cfg.train.model_copy(update={"compute_path": path, "max_steps": steps + 1})
     mx.random.seed(tcfg.seed)
@@ -63,9 +77,38 @@ def bare_loop(cfg, model_dir: Path, examples_fn, steps: int, path: str, label: s
     train_loop(model, optimizer, examples, [], tcfg, state)  # warm-up step (compilation)
     state.total_steps = steps + 1
     result = train_loop(model, optimizer, examples, [], tcfg, state)
-    emit(measure=label, compute_path=compute["compute_path"], steps=steps, batch=tcfg.batch_size,
+    emit(measure=label, compute_path=compute["compute_path"], padding_share=padding_share(examples, tcfg),
+         masked_lm_head=tcfg.masked_lm_head, steps=steps, batch=tcfg.batch_size,
          seq=tcfg.max_seq_length, tokens_per_s=round(result.tokens_per_s, 1), seconds=round(result.seconds, 2),
          peak_gb=round(result.peak_gb, 3), rss_gb=round(psutil.Process().memory_info().rss / 1e9, 3))  # fmt: skip
+
+
+def profile(cfg, model_dir: Path, examples_fn, steps: int) -> None:  # noqa: ANN001
+    """One JSON line: the loop's step time, then each part of that step timed alone."""
+    import mlx.nn as nn
+
+    from benchmarks.step_profile import profile_step
+    from farense.train import loss_fn
+
+    tcfg = cfg.train.model_copy(update={"max_steps": steps + 1})
+    mx.random.seed(tcfg.seed)
+    model, tokenizer, compute = load_for_training(model_dir, tcfg)
+    examples = examples_fn(tokenizer, tcfg)
+    optimizer = build_optimizer(tcfg, steps + 1)
+    state = TrainState(total_steps=1, batch_size=tcfg.batch_size, grad_accumulation=1)
+    train_loop(model, optimizer, examples, [], tcfg, state)
+    state.total_steps = steps + 1
+    result = train_loop(model, optimizer, examples, [], tcfg, state)
+    batch, lengths = collate(examples, list(range(tcfg.batch_size)), tcfg.max_seq_length)
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    step = mx.compile(lambda: loss_and_grad(model, batch, lengths))
+    grads = step()[1]
+    mx.eval(grads)
+    update = lambda: optimizer.apply_gradients(grads, model.trainable_parameters())  # noqa: E731
+    loop_step_s = result.seconds / steps
+    out = profile_step(model, batch, lengths, loss_fn, step, update, loop_step_s)
+    emit(measure="profile", compute_path=compute["compute_path"], loop_tokens_per_s=round(result.tokens_per_s, 1),
+         **out)  # fmt: skip
 
 
 def main() -> None:
@@ -75,12 +118,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--paths", default="dequantized,quantized", help="compute paths for `windows`")
-    ap.add_argument("--only", choices=["windows", "loop", "stage"], default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="config override for every measurement, e.g. train.masked_lm_head=false")
+    ap.add_argument("--only", choices=["windows", "loop", "stage", "profile"], default=None)
     args = ap.parse_args()
 
     overrides = {"train.batch_size": args.batch, "train.grad_accumulation": 1, "train.max_seq_length": args.seq,
                  "train.max_steps": args.steps, "train.eval_every": 10**6, "train.save_every": 10**6,
                  "train.log_every": 10**6, "train.warmup_steps": 0}  # fmt: skip
+    overrides |= dict(parse_override(text) for text in args.set)
     cfg = load_config(args.config, overrides, root=ROOT)
     built = run_local(cfg, until="model")
     data_dir, model_dir = Path(built["data"]["path"]), Path(built["model"]["path"])
@@ -94,6 +140,9 @@ def main() -> None:
         rows = tokenize_rows(load_jsonl(data_dir / "train.jsonl"), tokenizer, tcfg.mask_prompt)
         return drop_unlearnable(rows, tcfg.max_seq_length)[0]
 
+    if args.only == "profile":
+        profile(cfg, model_dir, stream_windows, args.steps)
+        return
     if args.only in (None, "windows"):
         for path in args.paths.split(","):
             steps = args.steps if path != "quantized" else max(2, args.steps // 4)  # the native CPU path is slow

@@ -235,6 +235,8 @@ def test_auto_fit_lowers_batch_when_memory_is_short(
         ("train.lora_targets", ["q", "v"], lambda s, st, cfgj: cfgj["lora_parameters"]["keys"]
          == ["self_attn.q_proj", "self_attn.v_proj"]),
         ("train.compute_path", "quantized", lambda s, st, cfgj: s["compute_path"] == "quantized"),
+        ("train.masked_lm_head", False, lambda s, st, cfgj: s["loss"] == "default"),
+        ("train.masked_lm_head", True, lambda s, st, cfgj: s["loss"] == "masked-head"),
     ],
 )
 def test_config_fields_reach_the_trainer(
@@ -297,3 +299,13 @@ def test_nan_loss_stops_naming_the_step(
         run_train(tiny_inputs, tmp_path / "out", **{"train.save_every": 1, "train.eval_every": 100})
     names = [p.name for p in list_checkpoints(tmp_path / "out.work" / "checkpoints")]
     assert names[0] == "step-000003"
+
+
+def test_masked_head_trains_to_the_same_adapter_as_default_loss(tiny_inputs: dict[str, Path], tmp_path: Path) -> None:
+    settings = {"train.max_steps": 4, "train.lora_dropout": 0.0}
+    masked, _ = run_train(tiny_inputs, tmp_path / "masked", **settings)
+    default, _ = run_train(tiny_inputs, tmp_path / "default", **settings, **{"train.masked_lm_head": False})
+    assert (masked["loss"], default["loss"]) == ("masked-head", "default")
+    diff = max_abs_diff(tmp_path / "masked" / "adapters.safetensors", tmp_path / "default" / "adapters.safetensors")
+    assert diff < 1e-4
+    assert abs(masked["best_val_loss"] - default["best_val_loss"]) < 1e-4

@@ -90,6 +90,9 @@ class TrainConfig(Section):
     seed: int = 0
     compute_path: ComputePath = Field("auto", description="auto: quantized on Apple GPU, dequantized on CPU")
     auto_fit_memory: bool = Field(True, description="Lower batch and raise accumulation when memory would not fit")
+    masked_lm_head: bool = Field(
+        True, description="Project onto the vocabulary only at trained (unmasked) positions; same loss, less work"
+    )
 
     @field_validator("lora_targets")
     @classmethod

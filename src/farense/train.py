@@ -22,7 +22,6 @@ import farense  # noqa: F401  (preloads OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 import psutil
 from mlx.utils import tree_flatten, tree_map
 
@@ -37,7 +36,9 @@ from farense.checkpoint import (
     save_checkpoint,
 )
 from farense.config import LORA_TARGET_MODULES, FarenseConfig, TrainConfig
+from farense.batching import BatchOrder, collate, drop_unlearnable, load_jsonl, tokenize_rows  # noqa: F401
 from farense.errors import TrainingError
+from farense.loss import masked_head_loss, supports_masked_head, target_positions
 from farense.store import hash_json
 
 METRIC_FIELDS = (
@@ -120,89 +121,45 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- data
 
 
-def load_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, mask_prompt: bool) -> list[tuple[list[int], int]]:
-    """(tokens, prompt_offset) per row, with mlx-lm's own chat/text processing."""
-    from mlx_lm.tuner.datasets import ChatDataset, TextDataset
-
-    chat = ChatDataset([], tokenizer, mask_prompt=mask_prompt)
-    text = TextDataset([], tokenizer)
-    return [chat.process(r) if "messages" in r else text.process(r) for r in rows]
-
-
-def drop_unlearnable(
-    examples: list[tuple[list[int], int]], max_seq_length: int
-) -> tuple[list[tuple[list[int], int]], int]:
-    """Drop examples whose answer starts beyond the truncation point: they would give a 0/0 loss."""
-    kept = [e for e in examples if e[1] < min(len(e[0]), max_seq_length) - 1]
-    return kept, len(examples) - len(kept)
-
-
-class BatchOrder:
-    """Fixed batches of similar length (as mlx-lm groups them); their order is a permutation seeded by
-    (seed, epoch), so any micro-batch index maps to the same batch in every run, interrupted or not."""
-
-    def __init__(self, examples: Sequence[tuple[list[int], int]], batch_size: int, seed: int) -> None:
-        if len(examples) < batch_size:
-            raise TrainingError(
-                f"the training split has {len(examples)} examples, fewer than train.batch_size={batch_size}; "
-                "lower train.batch_size or add data"
-            )
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-        self.batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-        self.seed = seed
-        self._perm_cache: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def batch_at(self, micro_index: int) -> tuple[int, int, list[int]]:
-        epoch, offset = divmod(micro_index, len(self.batches))
-        if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.batches))}
-        return epoch, offset, self.batches[int(self._perm_cache[epoch][offset])]
-
-
-def collate(
-    examples: Sequence[tuple[list[int], int]], indices: Sequence[int], max_seq_length: int
-) -> tuple[mx.array, mx.array]:
-    """Pad to a multiple of 32 (plus one for the shifted targets), truncate to max_seq_length; as mlx-lm does."""
-    seqs = [examples[i][0] for i in indices]
-    offsets = [examples[i][1] for i in indices]
-    lengths = [min(len(s), max_seq_length) for s in seqs]
-    width = min(1 + 32 * ((max(lengths) + 31) // 32), max_seq_length)
-    arr = np.zeros((len(seqs), width), np.int32)
-    for j, s in enumerate(seqs):
-        arr[j, : lengths[j]] = s[: lengths[j]]
-    return mx.array(arr), mx.array(list(zip(offsets, lengths)))
-
-
 def loss_fn(model: nn.Module, batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
     from mlx_lm.tuner.trainer import default_loss
 
     return default_loss(model, batch, lengths)
 
 
+def use_masked_head(model: nn.Module, requested: bool = True) -> bool:
+    """The masked-head loss where the model allows it (farense.loss), else mlx-lm's default_loss."""
+    return requested and supports_masked_head(model)
+
+
+def loss_inputs(batch: mx.array, lengths: mx.array, masked_head: bool) -> tuple[mx.array, ...]:
+    """The arrays the chosen loss takes after the model: (batch, positions, weights) or (batch, lengths)."""
+    if masked_head:
+        return (batch, *target_positions(lengths, batch.shape[1] - 1))
+    return batch, lengths
+
+
+def chosen_loss(masked_head: bool):  # noqa: ANN201
+    return masked_head_loss if masked_head else loss_fn
+
+
 def evaluate(
     model: nn.Module, examples: Sequence[tuple[list[int], int]], batch_size: int, max_seq_length: int,
-    max_batches: int = -1,
+    max_batches: int = -1, masked_head: bool | None = None,
 ) -> float:  # fmt: skip
-    """Token-weighted mean loss over the validation examples, in a fixed order."""
+    """Token-weighted mean loss over the validation examples, in a fixed order (masked_head None: automatic)."""
     if not examples:
         return float("nan")
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if max_batches > 0:
         chunks = chunks[:max_batches]
+    masked = use_masked_head(model) if masked_head is None else masked_head
     total, tokens = mx.array(0.0), mx.array(0)
     was_training = model.training
     model.eval()
     for chunk in chunks:
-        loss, ntoks = loss_fn(model, *collate(examples, chunk, max_seq_length))
+        loss, ntoks = chosen_loss(masked)(model, *loss_inputs(*collate(examples, chunk, max_seq_length), masked))
         total, tokens = total + loss * ntoks, tokens + ntoks
         mx.eval(total, tokens)
     if was_training:
@@ -341,12 +298,13 @@ def train_loop(
     of `state.step` (fresh, or loaded from a checkpoint)."""
     order = BatchOrder(train_set, state.batch_size, tcfg.seed)
     accum = state.grad_accumulation
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    masked = use_masked_head(model, tcfg.masked_lm_head)
+    loss_and_grad = nn.value_and_grad(model, chosen_loss(masked))
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
-    def micro_step(batch: mx.array, lengths: mx.array, prev_grad: Any) -> tuple[mx.array, mx.array, Any]:
-        (loss, ntoks), grad = loss_and_grad(model, batch, lengths)
+    def micro_step(inputs: tuple[mx.array, ...], prev_grad: Any) -> tuple[mx.array, mx.array, Any]:
+        (loss, ntoks), grad = loss_and_grad(model, *inputs)
         if prev_grad is not None:
             grad = tree_map(lambda x, y: x + y, grad, prev_grad)
         return loss, ntoks, grad
@@ -360,7 +318,7 @@ def train_loop(
     def val_report(seconds_start: float) -> None:
         nonlocal eval_seconds
         t0 = time.perf_counter()
-        vloss = evaluate(model, valid_set, state.batch_size, tcfg.max_seq_length, tcfg.max_eval_batches)
+        vloss = evaluate(model, valid_set, state.batch_size, tcfg.max_seq_length, tcfg.max_eval_batches, masked)
         if state.best_val_loss is None or vloss < state.best_val_loss:
             state.best_val_loss, state.best_step = vloss, state.step
         rep = ValReport(state.step, state.total_steps, state.epoch, vloss, state.best_val_loss,
@@ -399,7 +357,7 @@ def train_loop(
                 epoch, offset, idx = order.batch_at(micro)
                 mx.random.seed(rng_seed(tcfg.seed, micro))  # dropout noise is a function of the position
                 batch, lengths = collate(train_set, idx, tcfg.max_seq_length)
-                loss, ntoks, grad = micro_step(batch, lengths, grad)
+                loss, ntoks, grad = micro_step(loss_inputs(batch, lengths, masked), grad)
                 mx.eval(loss, ntoks, grad)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
@@ -483,6 +441,7 @@ def train_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
 
     mx.random.seed(tcfg.seed)
     model, tokenizer, compute = load_for_training(model_dir, tcfg)
+    compute["loss"] = "masked-head" if use_masked_head(model, tcfg.masked_lm_head) else "default"
     if compute["compute_path"] != "quantized" and mx.default_device() == mx.cpu:
         warn_if_slow_blas()
     train_set, skipped_train = drop_unlearnable(
