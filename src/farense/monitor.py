@@ -164,8 +164,7 @@ def _fmt(value: float | None, spec: str, unit: str = "") -> str:
 
 
 def render(p: TrainingProgress) -> Any:
-    """A rich renderable: a progress bar and a table of the latest numbers."""
-    from rich.console import Group
+    """A rich table of the latest numbers, with a progress bar."""
     from rich.progress_bar import ProgressBar
     from rich.table import Table
 
@@ -175,6 +174,8 @@ def render(p: TrainingProgress) -> Any:
     table.add_column("value")
     total = p.total_steps or 0
     table.add_row("step", f"{p.step}/{total or '?'}" + (f" (epoch {p.epoch})" if p.epoch is not None else ""))
+    bar = ProgressBar(total=max(total, 1), completed=min(p.step, total) if total else 0, width=50)
+    table.add_row("progress", bar if total else "-")
     table.add_row("loss", _fmt(p.loss, ".4f"))
     table.add_row("validation loss", f"{_fmt(p.val_loss, '.4f')} (best {_fmt(p.best_val_loss, '.4f')})")
     table.add_row("tokens/s", _fmt(p.tokens_per_s, ".0f"))
@@ -182,8 +183,7 @@ def render(p: TrainingProgress) -> Any:
     table.add_row("memory", f"rss {_fmt(p.rss_gb, '.2f', ' GB')}, peak {_fmt(p.peak_gb, '.2f', ' GB')}")
     table.add_row("built by", p.holder or ("-" if p.state != "stopped" else "nobody: a rerun resumes it"))
     table.add_row("metrics", f"{p.metrics_file} (updated {p.updated_s_ago:.0f} s ago)")
-    bar = ProgressBar(total=max(total, 1), completed=min(p.step, total) if total else 0, width=60)
-    return Group(bar, table)
+    return table
 
 
 def monitor(store: ArtifactStore, key: str | None, once: bool, as_json: bool, interval: float = 2.0) -> int:
