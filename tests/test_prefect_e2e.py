@@ -371,7 +371,7 @@ class DevTools:
 def browser(tmp_path: Path) -> Iterator[DevTools]:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+        pytest.skip("chromium is not installed: `sudo make test` installs it (or: sudo apt-get install chromium)")
     devtools = DevTools(binary, tmp_path / "chromium-profile")
     try:
         yield devtools
@@ -421,7 +421,8 @@ def postgres_server() -> Iterator[str]:
     """A throwaway PostgreSQL cluster on a free loopback port (as the `postgres` user when we are root)."""
     bindir = postgres_bin()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found (Debian: apt-get install postgresql)")
+        pytest.skip("PostgreSQL server binaries (pg_ctl) not found: `sudo make test` installs them "
+                    "(or: sudo apt-get install postgresql)")
     run_as: dict[str, Any] = {}
     if os.geteuid() == 0:  # postgres refuses to run as root
         try:

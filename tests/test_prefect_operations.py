@@ -5,6 +5,7 @@ killed `farense run` is marked Crashed by the next run of its stage."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -29,6 +30,19 @@ pytestmark = pytest.mark.e2e
 
 # Long enough to be killed mid-way (about 45 ms a step on two cores), short enough to finish after resuming.
 LONG_TRAIN = {"max_steps": 600, "save_every": 10, "log_every": 5, "eval_every": 200}
+
+
+REPORT = ROOT / "artifacts" / "test-reports" / "prefect-operations.json"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_timings() -> Iterator[None]:
+    TIMINGS.clear()
+    yield
+    if TIMINGS:
+        REPORT.parent.mkdir(parents=True, exist_ok=True)
+        REPORT.write_text(json.dumps(TIMINGS, indent=2) + "\n")
+        print(f"\nprefect operations timings (s): {TIMINGS}")
 
 
 @pytest.fixture(scope="module")
