@@ -24,7 +24,7 @@ from typing import Annotated, Any, Optional
 import typer
 import yaml
 
-from farense.crash_detection import HEARTBEAT_ENV, ensure_crash_automation, heartbeat_env
+from farense.crash_detection import ensure_crash_automation, heartbeat_env
 from farense.errors import FarenseError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -307,7 +307,7 @@ def up(
 
     for pool in pools:
         ensure_work_pool(url, pool)
-    ensure_crash_automation(url, int(env[HEARTBEAT_ENV]))
+    ensure_crash_automation(url)  # its window follows the heartbeat interval our processes use
     started = time.monotonic()
     deploy(url, project_root, deployments)
     deploy_seconds = time.monotonic() - started
