@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test install
+.PHONY: run test install test-deps
 
 install: $(STAMP)
 
@@ -19,5 +19,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/farense run
 
-test: $(STAMP)
+# As root on Debian/Ubuntu, also installs Chromium and PostgreSQL for the UI and PostgreSQL tests (as it installs
+# OpenBLAS); otherwise those tests skip, naming what is missing.
+test-deps:
+	@bash scripts/install-system-deps.sh --test
+
+test: $(STAMP) test-deps
 	$(PY) -m pytest -q

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from farense.config import STAGES, FarenseConfig, Stage
+from farense.config import STAGES, FarenseConfig, FarenseConfigOverrides, Stage, config_from_parameters
 from farense.errors import FarenseError
 from farense.pipeline import make_plan
 from farense.store import ArtifactStore
@@ -35,24 +35,49 @@ def run_stages(config: FarenseConfig, until: Stage, only: Stage | None = None, f
     return paths
 
 
+def config_for_run(config_file: str | None, config: FarenseConfigOverrides | None) -> FarenseConfig:
+    """The one way every flow run (CLI, deployment, schedule) gets its config: the file, then the overrides."""
+    cfg, path, applied = config_from_parameters(config_file, config)
+    print(f"config: {path.resolve() if path else 'defaults (no farense.yaml here)'}"
+          + (f" with overrides {applied}" if applied else ""))  # fmt: skip
+    return cfg
+
+
 @flow(name="farense", flow_run_name="farense-until-{until}", log_prints=True)
 def farense(
-    config: FarenseConfig = FarenseConfig(),
+    config_file: str | None = None,
+    config: FarenseConfigOverrides | None = None,
     until: Stage = "export",
     only: Stage | None = None,
     fresh: bool = False,
 ) -> dict[str, str]:
-    """Data → model → train → validate → benchmark → export, each stage cached by content."""
-    return run_stages(config, until, only, fresh)
+    """Data → model → train → validate → benchmark → export, each stage cached by content.
+
+    Args:
+        config_file: YAML config, relative to the checkout; empty: ./farense.yaml (what `farense run` reads)
+        config: Fields filled in here override the config file's; empty fields keep the file's values
+        until: Last stage to run
+        only: Run this stage alone (its upstream stages must be built)
+        fresh: Rebuild the selected stages even when cached
+    """
+    return run_stages(config_for_run(config_file, config), until, only, fresh)
 
 
 def _stage_flow(stage: Stage):  # noqa: ANN202 - a Prefect Flow
-    @flow(name=f"farense-{stage}", flow_run_name=f"{stage}", log_prints=True)
-    def stage_flow(config: FarenseConfig = FarenseConfig(), fresh: bool = False) -> dict[str, str]:
-        return run_stages(config, until=stage, fresh=fresh)
+    def stage_flow(
+        config_file: str | None = None, config: FarenseConfigOverrides | None = None, fresh: bool = False
+    ) -> dict[str, str]:
+        return run_stages(config_for_run(config_file, config), until=stage, fresh=fresh)
 
-    stage_flow.__doc__ = f"Run the pipeline up to the {stage} stage (upstream stages come from the cache)."
-    return stage_flow
+    # Set before @flow reads it: the Args become the descriptions in the UI's parameter form.
+    stage_flow.__doc__ = f"""Run the pipeline up to the {stage} stage (upstream stages come from the cache).
+
+    Args:
+        config_file: YAML config, relative to the checkout; empty: ./farense.yaml (what `farense run` reads)
+        config: Fields filled in here override the config file's; empty fields keep the file's values
+        fresh: Rebuild the selected stages even when cached
+    """
+    return flow(name=f"farense-{stage}", flow_run_name=f"{stage}", log_prints=True)(stage_flow)
 
 
 data_flow = _stage_flow("data")

@@ -13,6 +13,7 @@ from prefect.context import TaskRunContext
 from farense.config import FarenseConfig
 from farense.pipeline import StagePlan
 from farense.stages import execute_stage
+from tasks.recovery import lock_holder, mark_dead_holder_crashed
 from tasks.reporting import PrefectReporter
 
 RESULT_FILE = "prefect-result.json"
@@ -35,7 +36,8 @@ class StageCachePolicy(CachePolicy):
 def _run(config: FarenseConfig, plan: StagePlan, upstream: dict[str, str]) -> str:
     reporter = PrefectReporter(plan.stage)
     try:
-        path, built = execute_stage(config, plan, {k: Path(v) for k, v in upstream.items()}, reporter)
+        path, built = execute_stage(config, plan, {k: Path(v) for k, v in upstream.items()}, reporter,
+                                    holder=lock_holder(), on_takeover=mark_dead_holder_crashed)  # fmt: skip
     finally:
         reporter.close()
     reporter.log(f"{plan.stage}: {'built' if built else 'already complete'} at {path}")

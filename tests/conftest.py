@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 # Before anything imports Prefect: no telemetry, no update checks; the tests run offline.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -44,6 +45,12 @@ class TinyInputs:
         for name, values in sections.items():
             cfg[name] = cfg.get(name, {}) | values
         return cfg
+
+
+    def config_file(self, path: Path, artifacts_dir: Path, **sections: dict[str, Any]) -> Path:
+        """The same config as a YAML file (what `farense run --config` and a deployment's config_file read)."""
+        path.write_text(yaml.safe_dump(self.config(artifacts_dir, **sections), sort_keys=False), encoding="utf-8")
+        return path
 
 
 @pytest.fixture(scope="session")

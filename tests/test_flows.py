@@ -18,7 +18,7 @@ from prefect.testing.utilities import prefect_test_harness
 from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools.validation import ValidationError, validate
 
-from farense.config import STAGES, FarenseConfig
+from farense.config import STAGES, FarenseConfig, load_config
 from farense.server import work_pools
 from flows import pipeline
 from flows.pipeline import STAGE_FLOWS, farense
@@ -44,8 +44,13 @@ def task_states(flow_run_id: UUID, expected: int, timeout: float = 30.0) -> dict
         time.sleep(0.2)
 
 
+def config_file_of(cfg: FarenseConfig) -> str:
+    """The YAML file the `tiny_config` fixture wrote: flows take a file (plus overrides), as deployments do."""
+    return str(cfg.artifacts_dir.parent / "farense.yaml")
+
+
 def run_flow(cfg: FarenseConfig, until: str, fresh: bool = False) -> dict[str, str]:
-    state = farense(config=cfg, until=until, fresh=fresh, return_state=True)
+    state = farense(config_file=config_file_of(cfg), until=until, fresh=fresh, return_state=True)
     assert state.is_completed(), state.message
     return task_states(state.state_details.flow_run_id, STAGES.index(until) + 1)
 
@@ -59,7 +64,7 @@ def manifest_times(cfg: FarenseConfig, stages: list[str]) -> dict[str, float]:
 
 @pytest.fixture()
 def tiny_config(tiny_inputs: Any, tmp_path: Path) -> FarenseConfig:
-    return FarenseConfig.model_validate(tiny_inputs.config(tmp_path / "artifacts"))
+    return load_config(tiny_inputs.config_file(tmp_path / "farense.yaml", tmp_path / "artifacts"))
 
 
 def test_rerun_is_a_prefect_cache_hit(harness: Any, tiny_config: FarenseConfig) -> None:
@@ -90,9 +95,33 @@ def test_fresh_rebuilds_every_selected_stage(harness: Any, tiny_config: FarenseC
 
 def test_stage_flow_reuses_the_pipeline_cache(harness: Any, tiny_config: FarenseConfig) -> None:
     run_flow(tiny_config, "data")
-    state = STAGE_FLOWS["data"](config=tiny_config, return_state=True)
+    state = STAGE_FLOWS["data"](config_file=config_file_of(tiny_config), return_state=True)
     assert state.is_completed()
     assert task_states(state.state_details.flow_run_id, 1) == {"data": "Cached"}
+
+
+def test_a_run_without_parameters_reads_farense_yaml_and_overrides_win(
+    harness: Any, tiny_inputs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a deployment with `parameters: {}` (and the nightly schedule) does: ./farense.yaml of the folder the
+    run starts in, as `farense run` reads it; a field set in the `config` parameter overrides only that field."""
+    tiny_inputs.config_file(tmp_path / "farense.yaml", Path("artifacts"), data={"seed": 7, "valid_fraction": 0.25})
+    monkeypatch.chdir(tmp_path)
+    state = STAGE_FLOWS["data"](return_state=True)
+    assert state.is_completed(), state.message
+    (used,) = (tmp_path / "artifacts" / "data").glob("*/farense_config.json")
+    assert json.loads(used.read_text())["data"] | {"path": None} == {
+        "path": None, "valid_fraction": 0.25, "seed": 7, "max_line_bytes": 1_000_000,
+        "eval_questions": str(tiny_inputs.questions)}  # fmt: skip
+    state = STAGE_FLOWS["data"](config={"data": {"valid_fraction": 0.5}}, return_state=True)
+    assert state.is_completed(), state.message
+    configs = [json.loads(p.read_text())["data"] for p in (tmp_path / "artifacts" / "data").glob("*/farense_config.json")]
+    assert sorted((c["valid_fraction"], c["seed"]) for c in configs) == [(0.25, 7), (0.5, 7)]
+
+
+def test_config_file_errors_name_the_file(harness: Any, tmp_path: Path) -> None:
+    state = STAGE_FLOWS["data"](config_file=str(tmp_path / "missing.yaml"), return_state=True)
+    assert state.is_failed() and f"{tmp_path / 'missing.yaml'}: config file not found" in state.message
 
 
 # --- prefect.yaml --------------------------------------------------------------------------------------------
@@ -120,6 +149,10 @@ def test_parameter_schema_accepts_a_partial_config_and_refuses_a_wrong_type(tiny
     schema = parameter_schema(farense).model_dump_for_openapi()
     validate({"config": tiny_inputs.config(tmp_path), "until": "model"}, schema, raise_on_error=True)
     validate({"config": {"train": {"epochs": 1}}}, schema, raise_on_error=True)
+    validate({"config_file": "configs/m1-16gb.yaml"}, schema, raise_on_error=True)
+    validate({}, schema, raise_on_error=True)  # the deployments' parameters: ./farense.yaml, nothing overridden
+    with pytest.raises(ValidationError, match="epochs"):
+        validate({"config": {"train": {"epochs": 0}}}, schema, raise_on_error=True)  # bounds are kept
     with pytest.raises(ValidationError, match="max_steps"):
         validate({"config": {"train": {"max_steps": "four"}}}, schema, raise_on_error=True)
     with pytest.raises(ValidationError, match="until"):

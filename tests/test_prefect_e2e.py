@@ -46,6 +46,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Scheduled
 
 from farense.config import STAGES
+from farense.crash_detection import AUTOMATION_NAME
 from farense.server import OFFLINE_ENV, ServerFiles, down
 
 pytestmark = pytest.mark.e2e
@@ -127,9 +128,10 @@ class Stack:
         return "\n".join(log.message for log in logs)
 
 
-def start_stack(home: Path, deployments: list[str] | None = None, **extra_env: str) -> Stack:
+def start_stack(home: Path, deployments: list[str] | None = None, project: Path = ROOT, port: int | None = None,
+                **extra_env: str) -> Stack:  # fmt: skip
     """`farense server up` on a free port, with a fresh PREFECT_HOME; fast polling so the tests wait less."""
-    port = free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = os.environ | OFFLINE_ENV | {
         "PREFECT_HOME": str(home),
@@ -138,11 +140,11 @@ def start_stack(home: Path, deployments: list[str] | None = None, **extra_env: s
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
         **extra_env,
     }  # fmt: skip
-    args = [sys.executable, "-m", "farense.cli", "server", "up", "--port", str(port), "--project", str(ROOT)]
+    args = [sys.executable, "-m", "farense.cli", "server", "up", "--port", str(port), "--project", str(project)]
     for name in deployments or []:
         args += ["--deployment", name]
     start = time.monotonic()
-    proc = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    proc = subprocess.run(args, env=env, cwd=project, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, f"farense server up failed:\n{proc.stdout}\n{proc.stderr}"
     TIMINGS.setdefault("server_up_s", round(time.monotonic() - start, 1))
     match = re.search(r"started in ([0-9.]+) s", proc.stdout)
@@ -188,7 +190,8 @@ def snapshot(folder: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def first_run(stack: Stack, tiny_inputs: Any, tmp_path_factory: pytest.TempPathFactory) -> Run:
     artifacts = tmp_path_factory.mktemp("e2e") / "artifacts"
-    parameters = {"config": tiny_inputs.config(artifacts), "until": UNTIL}
+    config_file = tiny_inputs.config_file(artifacts.parent / "farense.yaml", artifacts)
+    parameters = {"config_file": str(config_file), "until": UNTIL}
     start = time.monotonic()
     run_id = stack.run_deployment("farense/full-pipeline", parameters)
     run = stack.wait(run_id)
@@ -209,6 +212,11 @@ def test_deployments_are_what_prefect_yaml_declares(stack: Stack) -> None:
     (schedule,) = full.schedules
     assert schedule.active and (schedule.schedule.cron, schedule.schedule.timezone) == ("0 3 * * *", "Europe/Lisbon")
     assert "FarenseConfig" in json.dumps(full.parameter_openapi_schema)  # the UI's typed form
+    assert full.parameters == {}, "no parameters: runs read ./farense.yaml, as `farense run` does"
+    assert full.job_variables == {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}}
+    with stack.client() as client:
+        (automation,) = client.read_automations_by_name(AUTOMATION_NAME)
+    assert automation.enabled and automation.actions[0].type == "change-flow-run-state"
 
 
 def test_full_pipeline_run_completes_every_stage(stack: Stack, first_run: Run) -> None:
@@ -267,8 +275,7 @@ def test_nightly_schedule_runs_cached(stack: Stack, first_run: Run) -> None:
 
 def test_bad_dataset_path_fails_with_a_clear_error_and_keeps_artifacts(stack: Stack, first_run: Run) -> None:
     missing = first_run.artifacts_dir.parent / "no-such-dataset"
-    parameters = json.loads(json.dumps(first_run.parameters))
-    parameters["config"]["data"]["path"] = str(missing)
+    parameters = first_run.parameters | {"config": {"data": {"path": str(missing)}}}  # an override of the file
     run_id = stack.run_deployment("farense/full-pipeline", parameters)
     run = stack.wait(run_id)
     assert run.state_type == StateType.FAILED, run.state_name
@@ -364,7 +371,7 @@ class DevTools:
 def browser(tmp_path: Path) -> Iterator[DevTools]:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+        pytest.skip("chromium is not installed: `sudo make test` installs it (or: sudo apt-get install chromium)")
     devtools = DevTools(binary, tmp_path / "chromium-profile")
     try:
         yield devtools
@@ -414,7 +421,8 @@ def postgres_server() -> Iterator[str]:
     """A throwaway PostgreSQL cluster on a free loopback port (as the `postgres` user when we are root)."""
     bindir = postgres_bin()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found (Debian: apt-get install postgresql)")
+        pytest.skip("PostgreSQL server binaries (pg_ctl) not found: `sudo make test` installs them "
+                    "(or: sudo apt-get install postgresql)")
     run_as: dict[str, Any] = {}
     if os.geteuid() == 0:  # postgres refuses to run as root
         try:
@@ -465,7 +473,8 @@ def test_data_stage_deployment_on_a_postgres_backed_server(
                              PREFECT_SERVER_DATABASE_CONNECTION_URL=database_url)  # fmt: skip
             TIMINGS["postgres_server_up_s"] = round(time.monotonic() - start, 1)
             artifacts = tmp_path_factory.mktemp("e2e-pg") / "artifacts"
-            run_id = pg.run_deployment("farense-data/data", {"config": tiny_inputs.config(artifacts)})
+            config_file = tiny_inputs.config_file(artifacts.parent / "farense.yaml", artifacts)
+            run_id = pg.run_deployment("farense-data/data", {"config_file": str(config_file)})
             run = pg.wait(run_id)
             assert run.state_name == "Completed", pg.logs(run_id)[-3000:]
             assert pg.task_states(run_id, 1) == {"data": "Completed"}

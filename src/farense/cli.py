@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from farense.config import STAGES, FarenseConfig, config_file_or_default, load_config, parse_override
+from farense.config import STAGES, FarenseConfig, config_file_or_default, load_config, nested, parse_override
 from farense.errors import FarenseError
 from farense.server import server_app
 
@@ -48,6 +48,8 @@ def offline_prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_UI_SHOW_PROMOTIONAL_CONTENT", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # Heartbeats as often as worker runs send them: a server's crash automation then tells a killed run apart.
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
 
 
 @app.command()
@@ -73,7 +75,11 @@ def run(
     offline_prefect_defaults()
     from flows.pipeline import farense
 
-    paths = farense(config=cfg, until=until, only=only, fresh=fresh)
+    # The flow reads the same file and overrides itself (as deployment runs do), so the run records them.
+    config_file = config_file_or_default(config)
+    overrides = dict(parse_override(o) for o in set_ or [])
+    paths = farense(config_file=str(config_file) if config_file else None, config=nested(overrides),
+                    until=until, only=only, fresh=fresh)  # fmt: skip
     statuses = stage_statuses(cfg, only or until)
     _print_statuses(statuses, title="farense run finished")
     if paths:
@@ -178,6 +184,28 @@ def serve(
     from farense.answer_server import serve_command
 
     raise typer.Exit(serve_command(host, port, resolve_artifacts(artifacts, config), queue_size, watch_seconds))
+
+
+@app.command()
+def monitor(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    key: Annotated[Optional[str], typer.Option(help="Train stage key (default: this config's, else the latest)")] = None,
+    once: Annotated[bool, typer.Option("--once", help="Print the current state and exit")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON: one object (--once) or one line per update")] = False,
+) -> None:
+    """Follow the training in progress (started by `farense run` or a worker) from its metrics file."""
+    from farense.monitor import monitor as follow
+    from farense.pipeline import make_plan
+    from farense.store import ArtifactStore
+
+    cfg = _config(config, set_)
+    if key is None:
+        try:
+            key = make_plan(cfg, "train")["train"].key
+        except FarenseError:
+            key = None  # e.g. the dataset moved: fall back to the training that changed last
+    raise typer.Exit(follow(ArtifactStore(cfg.artifacts_dir), key, once, as_json))
 
 
 @config_app.command("show")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from farense.errors import ConfigError
 
@@ -258,3 +258,54 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}': expected section.field=value, e.g. train.epochs=1")
     key, value = text.split("=", 1)
     return key.strip(), yaml.safe_load(value) if value.strip() else ""
+
+
+# --- deployment parameters: the file plus typed overrides --------------------------------------------------------
+
+
+def _overrides_model(model: type[BaseModel], name: str) -> type[BaseModel]:
+    """`model` with every field optional and None by default: the UI form shows each typed field, empty, and
+    only what the user fills in overrides the config file."""
+    fields: dict[str, Any] = {}
+    for field_name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            annotation = _overrides_model(annotation, annotation.__name__.removesuffix("Config") + "Overrides")
+        elif info.metadata:  # the bounds (ge=1, gt=0, ...) still checked by the server before a run
+            annotation = Annotated[(annotation, *info.metadata)]
+        fields[field_name] = (Optional[annotation], Field(None, description=info.description))
+    return create_model(name, __base__=Section, **fields)
+
+
+FarenseConfigOverrides = _overrides_model(FarenseConfig, "FarenseConfigOverrides")
+
+
+def dotted_overrides(overrides: BaseModel | dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"epochs": 1}} -> {"train.epochs": 1}; fields left empty (None) are not overrides."""
+    if isinstance(overrides, BaseModel):
+        overrides = overrides.model_dump(mode="json", exclude_none=True)
+    out: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            out.update(dotted_overrides(value, f"{prefix}{key}."))
+        elif value is not None:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def nested(dotted: dict[str, Any]) -> dict[str, Any]:
+    """{"train.epochs": 1} -> {"train": {"epochs": 1}}: `--set` overrides as a flow's `config` parameter."""
+    raw: dict[str, Any] = {}
+    for key, value in dotted.items():
+        _set_dotted(raw, key, value)
+    return raw
+
+
+def config_from_parameters(
+    config_file: str | None, overrides: BaseModel | dict[str, Any] | None
+) -> tuple[FarenseConfig, Path | None, dict[str, Any]]:
+    """What a flow run uses: the config file (./farense.yaml when none is named, as `farense run` does) with the
+    run's overrides on top. Returns the config, the file read and the overrides applied."""
+    path = config_file_or_default(Path(config_file) if config_file else None)
+    dotted = dotted_overrides(overrides)
+    return load_config(path, dotted), path, dotted

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Optional
 import typer
 import yaml
 
+from farense.crash_detection import ensure_crash_automation, heartbeat_env
 from farense.errors import FarenseError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -82,7 +83,8 @@ def public_api_url(host: str, port: int) -> str:
 
 def prefect_env(url: str) -> dict[str, str]:
     """Environment of the processes we start: this one's, offline, pointed at our server."""
-    return os.environ | OFFLINE_ENV | {"PREFECT_API_URL": url}
+    # Heartbeats every 30 s (unless set): the crash automation `up` creates expects them.
+    return heartbeat_env() | os.environ | OFFLINE_ENV | {"PREFECT_API_URL": url}
 
 
 def work_pools(project_root: Path = PROJECT_ROOT) -> list[str]:
@@ -305,6 +307,7 @@ def up(
 
     for pool in pools:
         ensure_work_pool(url, pool)
+    ensure_crash_automation(url)  # its window follows the heartbeat interval our processes use
     started = time.monotonic()
     deploy(url, project_root, deployments)
     deploy_seconds = time.monotonic() - started

@@ -16,7 +16,7 @@ from typing import Any
 from farense.config import STAGES, FarenseConfig
 from farense.pipeline import StagePlan, build_stage, make_plan
 from farense.progress import NullReporter, Reporter
-from farense.store import ArtifactStore
+from farense.store import ArtifactStore, describe_holder
 
 
 @dataclass
@@ -84,10 +84,36 @@ def execute_stage(
     sp: StagePlan,
     upstream: dict[str, Path],
     reporter: Reporter | None = None,
+    holder: dict[str, Any] | None = None,
+    on_takeover: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Path, bool]:
-    """Build one stage (or find it built). Returns its artifact folder and whether it was built now."""
+    """Build one stage (or find it built) under the stage's build lock. Returns its artifact folder and whether it
+    was built now. `holder` (e.g. the flow run) is written into the lock for whoever waits on it; `on_takeover`
+    gets the holder of a lock left by a killed process."""
     store = ArtifactStore(cfg.artifacts_dir)
     rep = reporter or NullReporter()
+
+    def waiting(other: dict[str, Any]) -> None:
+        rep.log(f"{sp.stage}: waiting: {sp.stage}/{sp.key} is being built by {describe_holder(other)}")
+
+    def taking_over(dead: dict[str, Any]) -> None:
+        rep.log(f"{sp.stage}: taking over the lock of {sp.stage}/{sp.key} left by {describe_holder(dead)}, "
+                "which ended without releasing it (killed?); resuming its work")  # fmt: skip
+        if on_takeover is not None:
+            on_takeover(dead)
+
+    with store.lock(sp.stage, sp.key, holder, on_wait=waiting, on_takeover=taking_over):
+        path, built = _build_locked(cfg, sp, upstream, store, rep)
+    if sp.stage == "export":  # after the commit: `latest` may only ever point at a complete export
+        from farense.export import publish
+
+        publish(cfg, path, rep)
+    return path, built
+
+
+def _build_locked(
+    cfg: FarenseConfig, sp: StagePlan, upstream: dict[str, Path], store: ArtifactStore, rep: Reporter
+) -> tuple[Path, bool]:
 
     def produce(tmp: Path) -> dict[str, Any]:
         start = time.perf_counter()
@@ -99,10 +125,6 @@ def execute_stage(
     record, built = build_stage(store, sp, cfg, produce)
     if built:  # only now is the scratch state (training checkpoints) no longer needed
         shutil.rmtree(store.work_dir(sp.stage, sp.key), ignore_errors=True)
-    if sp.stage == "export":  # after the commit: `latest` may only ever point at a complete export
-        from farense.export import publish
-
-        publish(cfg, record.path, rep)
     return record.path, built
 
 

@@ -7,12 +7,14 @@ swept on the next write.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +163,54 @@ class ArtifactStore:
     def remove(self, stage: str, key: str) -> None:
         shutil.rmtree(self.path(stage, key), ignore_errors=True)
 
+    def lock_path(self, stage: str, key: str) -> Path:
+        return self.stage_dir(stage) / f".lock-{key}"
+
+    def holder(self, stage: str, key: str) -> dict[str, Any] | None:
+        """Who holds (or, if dead, last held) the stage's build lock, as it wrote itself into the lock file."""
+        return _read_holder(self.lock_path(stage, key))
+
+    @contextmanager
+    def lock(
+        self,
+        stage: str,
+        key: str,
+        holder: dict[str, Any] | None = None,
+        on_wait: Callable[[dict[str, Any]], None] | None = None,
+        on_takeover: Callable[[dict[str, Any]], None] | None = None,
+        poll_seconds: float = 0.5,
+    ) -> Iterator[dict[str, Any]]:
+        """Hold the build lock of `<stage>/<key>` (an flock on `.lock-<key>`, so the kernel frees it when its
+        process dies, SIGKILL included). A second builder waits, after `on_wait(holder)`. The holder writes who it
+        is into the file and empties it on release: finding it non-empty once the lock is ours means its last
+        holder died mid-build, and `on_takeover(that holder)` runs before we go on."""
+        path = self.lock_path(stage, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), **(holder or {})}
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            waited = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waited and on_wait is not None:
+                        on_wait(_read_holder(path) or {})
+                    waited = True
+                    time.sleep(poll_seconds)  # polling, not a blocking flock: signals (Ctrl-C) stay prompt
+            previous = _read_holder(path)
+            if previous and on_takeover is not None:
+                on_takeover(previous)
+            me["since"] = time.time()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            os.fsync(fd)
+            yield me
+        finally:
+            os.ftruncate(fd, 0)  # released cleanly: an empty file; a killed holder leaves its name behind
+            os.close(fd)  # closing the last descriptor releases the flock
+
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -173,6 +223,21 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     _write_json_atomic(Path(path), obj)
+
+
+def _read_holder(path: Path) -> dict[str, Any] | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text) if text.strip() else None
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None  # absent, or a holder killed while writing its name: nothing to report
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """`pid 123 on host (flow run 'name' <id>) since 2026-11-22 18:20:01 UTC`."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder["since"])) if "since" in holder else "?"
+    run = f" (flow run '{holder['flow_run_name']}' {holder['flow_run_id']})" if holder.get("flow_run_id") else ""
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}{run} since {since}"
 
 
 def _pid_of(name: str) -> int | None:

@@ -43,7 +43,7 @@ from farense.store import hash_json
 
 METRIC_FIELDS = (
     "kind", "step", "epoch", "loss", "learning_rate", "tokens_per_s", "trained_tokens", "rss_gb", "peak_gb",
-    "seconds",
+    "seconds", "total_steps",  # total_steps: for `farense monitor`'s ETA
 )  # fmt: skip
 
 
