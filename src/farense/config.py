@@ -90,6 +90,19 @@ class TrainConfig(Section):
     seed: int = 0
     compute_path: ComputePath = Field("auto", description="auto: quantized on Apple GPU, dequantized on CPU")
     auto_fit_memory: bool = Field(True, description="Lower batch and raise accumulation when memory would not fit")
+    devices: Literal["auto"] | int = Field(
+        1, description="Data-parallel processes, one per GPU (auto: every CUDA GPU of this host); see farense.distributed"
+    )
+    hostfile: Path | None = Field(
+        None, description="mlx.launch hostfile (JSON) to train across hosts; the artifacts folder must be shared"
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: str | int) -> str | int:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be 'auto' or a number of processes >= 1")
+        return v
 
     @field_validator("lora_targets")
     @classmethod
