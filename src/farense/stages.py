@@ -88,6 +88,10 @@ def execute_stage(
     """Build one stage (or find it built). Returns its artifact folder and whether it was built now."""
     store = ArtifactStore(cfg.artifacts_dir)
     rep = reporter or NullReporter()
+    from farense.compute import use_kernel_cache
+
+    # Before any GPU work: compiled CUDA kernels live with the artifacts, so a fresh GPU worker reuses them.
+    use_kernel_cache(cfg.artifacts_dir / "cache" / "kernels")
 
     def produce(tmp: Path) -> dict[str, Any]:
         start = time.perf_counter()
