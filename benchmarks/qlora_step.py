@@ -99,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lora-scale", type=float, default=16.0)
     p.add_argument("--dtype", default=None, help="model dtype; default bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="mlx-lm's gradient checkpointing (every layer recomputed in the backward pass)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="don't mx.compile the step")
     p.add_argument("--check-loss", action="store_true",
                    help="also run the first batch on the native quantized path; report loss and gradient diffs")
@@ -232,9 +234,13 @@ def run_one(args: argparse.Namespace, path: str) -> dict:
                 m.__class__ = LoRALinear
     if reference is not None:
         model.update(lora_init)
+    if args.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
     mx.eval(model.parameters())
 
-    result = {"path": path, "shape": args.shape, "batch": args.batch, "seq": args.seq}
+    result = {"path": path + ("+checkpoint" if args.grad_checkpoint else ""), "shape": args.shape, "batch": args.batch, "seq": args.seq}
     if reference is not None:
         (loss_p, _), grads_p = loss_value_and_grad(model, batch, lengths)
         mx.eval(loss_p, grads_p)

@@ -63,6 +63,23 @@ def test_launch_uses_mlx_launch_with_one_process_per_device(tmp_path: Path) -> N
     assert cmd[-3:] == ["-m", "farense.distributed", str(tmp_path / "job.json")]
 
 
+def test_a_hostfile_sets_the_processes_and_its_backend(tmp_path: Path) -> None:
+    from farense.distributed import requested_processes
+    from farense.errors import ConfigError
+
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps({"backend": "ring", "hosts": [{"ssh": "a", "ips": ["10.0.0.1"]},
+                                                              {"ssh": "b", "ips": ["10.0.0.2"]},
+                                                              {"ssh": "c", "ips": ["10.0.0.3"]}]}))  # fmt: skip
+    tcfg = load_config(None, {"train.hostfile": str(hosts)}).train
+    assert requested_processes(tcfg) == 3
+    cmd = launch_command(3, tmp_path / "job.json", tcfg)
+    assert cmd[cmd.index("--hostfile") + 1] == str(hosts) and "--backend" not in cmd and "-n" not in cmd
+    hosts.write_text("[not json")
+    with pytest.raises(ConfigError, match="hosts.json"):
+        requested_processes(tcfg)
+
+
 def test_two_process_gradients_equal_one_process_on_the_global_batch(
     tiny_inputs: dict[str, Path], tmp_path: Path  # noqa: F811
 ) -> None:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 REPORT_PREFIX = "@@farense-report "  # lines a worker prints for the launching process's reporter
 RESULT_FILE = "distributed-summary.json"
+BACKEND_ENV = "FARENSE_DISTRIBUTED_BACKEND"
 LAUNCH_MAIN = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
 
 
@@ -102,6 +103,11 @@ def requested_processes(tcfg: TrainConfig) -> int:
     return int(tcfg.devices)
 
 
+def hostfile_backend(path: Path) -> str:
+    data = json.loads(path.read_text())
+    return data.get("backend", "") if isinstance(data, dict) else ""
+
+
 def read_hostfile(path: Path) -> list[Any]:
     from farense.errors import ConfigError
 
@@ -117,8 +123,8 @@ def read_hostfile(path: Path) -> list[Any]:
 
 def backend() -> str:
     """NCCL between CUDA GPUs, ring (TCP) elsewhere; FARENSE_DISTRIBUTED_BACKEND overrides (e.g. jaccl, mpi)."""
-    if os.environ.get("FARENSE_DISTRIBUTED_BACKEND"):
-        return os.environ["FARENSE_DISTRIBUTED_BACKEND"]
+    if os.environ.get(BACKEND_ENV):
+        return os.environ[BACKEND_ENV]
     return "nccl" if mx.cuda.is_available() else "ring"
 
 
@@ -145,7 +151,9 @@ def launch_command(n: int, job: Path, tcfg: TrainConfig) -> list[str]:
     # mlx.launch's console script, or its module where MLX was installed without scripts (pip --target)
     script = Path(sys.executable).parent / "mlx.launch"
     launcher = [str(script)] if script.is_file() else [sys.executable, "-c", LAUNCH_MAIN]
-    cmd = [*launcher, "--python", sys.executable, "--backend", backend()]
+    cmd = [*launcher, "--python", sys.executable]
+    if tcfg.hostfile is None or not hostfile_backend(Path(tcfg.hostfile)) or os.environ.get(BACKEND_ENV):
+        cmd += ["--backend", backend()]  # a hostfile's own "backend" wins otherwise
     if tcfg.hostfile is not None:
         cmd += ["--hostfile", str(tcfg.hostfile)]
     else:
