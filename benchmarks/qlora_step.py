@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+_START = time.time()  # process_to_first_step_s counts from here (interpreter start is ~0.1 s earlier)
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 try:
     import farense  # noqa: F401  (preloads OpenBLAS on Linux CPU; must precede mlx)
@@ -97,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lora-scale", type=float, default=16.0)
     p.add_argument("--dtype", default=None, help="model dtype; default bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="mlx-lm's gradient checkpointing (every layer recomputed in the backward pass)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="don't mx.compile the step")
     p.add_argument("--check-loss", action="store_true",
                    help="also run the first batch on the native quantized path; report loss and gradient diffs")
@@ -230,9 +234,13 @@ def run_one(args: argparse.Namespace, path: str) -> dict:
                 m.__class__ = LoRALinear
     if reference is not None:
         model.update(lora_init)
+    if args.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
     mx.eval(model.parameters())
 
-    result = {"path": path, "shape": args.shape, "batch": args.batch, "seq": args.seq}
+    result = {"path": path + ("+checkpoint" if args.grad_checkpoint else ""), "shape": args.shape, "batch": args.batch, "seq": args.seq}
     if reference is not None:
         (loss_p, _), grads_p = loss_value_and_grad(model, batch, lengths)
         mx.eval(loss_p, grads_p)
@@ -256,11 +264,12 @@ def run_one(args: argparse.Namespace, path: str) -> dict:
     if args.compile:
         step = mx.compile(step, inputs=state, outputs=state)
 
-    first_loss = None
+    first_loss, first_step_s = None, None
     for _ in range(args.warmup):
         loss = step(batch, lengths)
         mx.eval(state, loss)
         first_loss = first_loss if first_loss is not None else loss.item()
+        first_step_s = first_step_s or time.time() - _START
     mx.synchronize()
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -278,6 +287,7 @@ def run_one(args: argparse.Namespace, path: str) -> dict:
         "peak_gb": round(peak / 1e9, 3),
         "loss": loss.item(),
         "first_loss": first_loss,
+        "process_to_first_step_s": None if first_step_s is None else round(first_step_s, 2),
         "steps": args.steps,
         "step_s": round(seconds / args.steps, 4),
         "device": device_name(),

@@ -29,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lora-scale", type=float, default=16.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad-checkpoint", action="store_true", help="transformers' gradient checkpointing")
     p.add_argument("--out", type=Path, help="also append the JSON line to this file")
     return p.parse_args(argv)
 
@@ -84,6 +85,9 @@ def main(argv=None) -> int:
     model = build_model(shape, args.mode)
     lora = LoraConfig(r=args.rank, lora_alpha=args.lora_scale * args.rank, lora_dropout=0.0,
                       target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
+    if args.grad_checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = get_peft_model(model, lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -109,7 +113,7 @@ def main(argv=None) -> int:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - tic
     result = {
-        "path": f"torch-peft-{args.mode}",
+        "path": f"torch-peft-{args.mode}" + ("-gc" if args.grad_checkpoint else ""),
         "shape": args.shape,
         "batch": args.batch,
         "seq": args.seq,

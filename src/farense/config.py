@@ -93,6 +93,19 @@ class TrainConfig(Section):
     masked_lm_head: bool = Field(
         True, description="Project onto the vocabulary only at trained (unmasked) positions; same loss, less work"
     )
+    devices: Literal["auto"] | int = Field(
+        1, description="Data-parallel processes, one per GPU (auto: every CUDA GPU of this host); see farense.distributed"
+    )
+    hostfile: Path | None = Field(
+        None, description="mlx.launch hostfile (JSON) to train across hosts; the artifacts folder must be shared"
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: str | int) -> str | int:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be 'auto' or a number of processes >= 1")
+        return v
 
     @field_validator("lora_targets")
     @classmethod

@@ -35,6 +35,7 @@ from farense.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from farense import distributed
 from farense.config import LORA_TARGET_MODULES, FarenseConfig, TrainConfig
 from farense.batching import BatchOrder, collate, drop_unlearnable, load_jsonl, tokenize_rows  # noqa: F401
 from farense.errors import TrainingError
@@ -299,18 +300,26 @@ def train_loop(
     order = BatchOrder(train_set, state.batch_size, tcfg.seed)
     accum = state.grad_accumulation
     masked = use_masked_head(model, tcfg.masked_lm_head)
+    # Data parallel (farense.distributed): the same global batches on every rank, each taking its share.
+    group = distributed.world()
+    rank, size = group.rank(), group.size()
+    if size > state.batch_size:
+        raise TrainingError(f"train.batch_size={state.batch_size} is smaller than the {size} training processes; "
+                            "raise it to at least one example per process")
     loss_and_grad = nn.value_and_grad(model, chosen_loss(masked))
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
     def micro_step(inputs: tuple[mx.array, ...], prev_grad: Any) -> tuple[mx.array, mx.array, Any]:
         (loss, ntoks), grad = loss_and_grad(model, *inputs)
+        loss, ntoks, grad = distributed.weight_by_tokens(loss, ntoks, grad, group)
         if prev_grad is not None:
             grad = tree_map(lambda x, y: x + y, grad, prev_grad)
         return loss, ntoks, grad
 
     @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
     def apply_update(grad: Any) -> None:
+        grad = distributed.average(grad, group)
         optimizer.update(model, tree_map(lambda g: g / accum, grad) if accum > 1 else grad)
 
     eval_seconds = 0.0
@@ -328,7 +337,7 @@ def train_loop(
             cb.on_val_report(rep)
 
     def checkpoint() -> None:
-        if checkpoint_dir is None:
+        if checkpoint_dir is None or rank != 0:
             return
         finite = all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters()))
         if not finite:
@@ -355,8 +364,9 @@ def train_loop(
             for k in range(accum):
                 micro = state.step * accum + k
                 epoch, offset, idx = order.batch_at(micro)
-                mx.random.seed(rng_seed(tcfg.seed, micro))  # dropout noise is a function of the position
-                batch, lengths = collate(train_set, idx, tcfg.max_seq_length)
+                # dropout noise is a function of the position (and the rank: each sees other examples)
+                mx.random.seed(rng_seed(tcfg.seed, micro * size + rank))
+                batch, lengths = collate(train_set, distributed.shard(idx, rank, size), tcfg.max_seq_length)
                 loss, ntoks, grad = micro_step(loss_inputs(batch, lengths, masked), grad)
                 mx.eval(loss, ntoks, grad)
                 loss_value = loss.item()
@@ -366,7 +376,7 @@ def train_loop(
                         f"kept the last good checkpoint. Lower train.learning_rate (now {tcfg.learning_rate}) "
                         "or check the data"
                     )
-                step_tokens += int(lengths[:, 1].sum().item())
+                step_tokens += distributed.sum_across(int(lengths[:, 1].sum().item()), group)
                 window_loss += loss_value
                 window_n += 1
             apply_update(grad)
@@ -433,6 +443,10 @@ def train_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     from farense.blas import blas_status, warn_if_slow_blas
 
     tcfg = cfg.train
+    processes = distributed.requested_processes(tcfg)
+    if processes > 1 and not distributed.launched():
+        return distributed.launch_train(cfg, ctx, processes)
+    group = distributed.world()
     data_dir, model_dir = ctx.upstream["data"], ctx.upstream["model"]
     reporter = ctx.reporter
     work = Path(ctx.work_dir)
@@ -471,7 +485,8 @@ def train_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         if tcfg.auto_fit_memory:
             est = partial(estimate_memory_bytes, model, seq=tcfg.max_seq_length, args=getattr(model, "args", None),
                           grad_checkpoint=tcfg.grad_checkpoint)  # fmt: skip
-            batch, accum, memory_note = fit_batch(lambda b: est(b), batch, accum, memory_budget_bytes())
+            per_rank = lambda b: est(math.ceil(b / group.size()))  # noqa: E731  (each rank holds its share)
+            batch, accum, memory_note = fit_batch(per_rank, batch, accum, memory_budget_bytes())
             if memory_note:
                 reporter.log(memory_note)
 
@@ -486,9 +501,12 @@ def train_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
             raise TrainingError(f"{resume_from}: checkpoint was made with another train config; delete {work}")
         reporter.log(f"train: resuming from {resume_from.name} (step {state.step}/{state.total_steps})")
 
-    metrics = MetricsFile(work / "metrics.csv", state.step)
-    callbacks: list[TrainingCallback] = [metrics, ReporterCallback(reporter)]
+    callbacks: list[TrainingCallback] = []
+    if group.rank() == 0:  # one writer: rank 0 keeps the metrics, checkpoints and outputs
+        callbacks = [MetricsFile(work / "metrics.csv", state.step), ReporterCallback(reporter)]
     result = train_loop(model, optimizer, train_set, valid_set, tcfg, state, callbacks, ckpt_dir)
+    if group.rank() != 0:
+        return {"steps": state.step, "rank": group.rank()}
 
     out = Path(ctx.out_dir)
     mx.save_safetensors(str(out / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
@@ -516,6 +534,7 @@ def train_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         "resumed_from_step": None if resume_from is None else int(resume_from.name.split("-")[1]),
         "blas": blas_status(),
         "device": str(mx.default_device()),
+        "processes": group.size(),
         **compute,
     }
     (out / "training_state.json").write_text(json.dumps(asdict(state) | {"summary": summary}, indent=2))

@@ -1,0 +1,269 @@
+"""Data-parallel training over several processes with MLX's own distributed layer (`mx.distributed`).
+
+One process per GPU (NCCL on CUDA hosts) or per host (ring over TCP, also on CPUs), started by `mlx.launch`.
+Every process builds the same model and walks the same `BatchOrder` (global batches, seeded as in a single
+process); each takes every N-th example of each batch. Gradients are weighted by each process's share of the
+batch's loss tokens and then averaged with `mlx.nn.average_gradients` (as mlx-lm's trainer does), so the update is
+the gradient of the global batch's token-weighted mean loss: what one process computes on the whole batch, up to
+float rounding. Rank 0 alone writes checkpoints, metrics and outputs; every rank resumes from the same checkpoint.
+
+`launch_train` starts the worker processes from inside the train stage (`train.devices`), and `main` is the worker
+entry point: `python -m farense.distributed JOB.json` under `mlx.launch`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import mlx.core as mx
+from mlx.nn import average_gradients
+from mlx.utils import tree_map
+
+if TYPE_CHECKING:
+    from farense.config import FarenseConfig, TrainConfig
+
+T = TypeVar("T")
+REPORT_PREFIX = "@@farense-report "  # lines a worker prints for the launching process's reporter
+RESULT_FILE = "distributed-summary.json"
+BACKEND_ENV = "FARENSE_DISTRIBUTED_BACKEND"
+LAUNCH_MAIN = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
+
+
+# ---------------------------------------------------------------- inside a run
+
+
+def world() -> mx.distributed.Group:
+    """The global group: size 1 unless started by `mlx.launch` (or another launcher that sets MLX_RANK)."""
+    return mx.distributed.init()
+
+
+def launched() -> bool:
+    """True inside a process that `mlx.launch` started (it exports MLX_RANK to every rank)."""
+    return "MLX_RANK" in os.environ
+
+
+def shard(indices: Sequence[T], rank: int, size: int) -> list[T]:
+    """This rank's share of a global batch: every size-th example. Batches are sorted by length, so striding
+    gives every rank a similar amount of padding and work."""
+    return list(indices[rank::size])
+
+
+def weight_by_tokens(loss: mx.array, ntoks: mx.array, grad: Any, group: mx.distributed.Group) -> tuple:
+    """Turn this rank's (mean loss, loss tokens, gradient) into its part of the global batch's.
+
+    Returns (global mean loss, global loss tokens, gradient scaled by size * ntoks / global ntoks), so that
+    `average_gradients` of the scaled gradients is the gradient of the global token-weighted mean loss.
+    """
+    size = group.size()
+    if size == 1:
+        return loss, ntoks, grad
+    n = ntoks.astype(mx.float32)
+    total = mx.distributed.all_sum(n, group=group)
+    global_loss = mx.distributed.all_sum(loss.astype(mx.float32) * n, group=group) / total
+    w = size * n / total
+    return global_loss, total.astype(ntoks.dtype), tree_map(lambda g: g * w.astype(g.dtype), grad)
+
+
+def average(grad: Any, group: mx.distributed.Group) -> Any:
+    """mlx's own gradient averaging (packs small arrays into few all-reduces); a no-op on one process."""
+    return average_gradients(grad, group=group) if group.size() > 1 else grad
+
+
+def sum_across(value: int, group: mx.distributed.Group) -> int:
+    if group.size() == 1:
+        return value
+    return int(mx.distributed.all_sum(mx.array(value, mx.int64 if value > 2**31 else mx.int32), group=group).item())
+
+
+# ---------------------------------------------------------------- how many processes, and starting them
+
+
+def gpu_count() -> int:
+    try:
+        return mx.device_count(mx.gpu) if mx.cuda.is_available() else 1
+    except (AttributeError, RuntimeError):
+        return 1
+
+
+def requested_processes(tcfg: TrainConfig) -> int:
+    """Processes the config asks for: `train.devices` (auto: every CUDA GPU of this host, else one), or the
+    number of entries in `train.hostfile`."""
+    if tcfg.hostfile is not None:
+        return len(read_hostfile(Path(tcfg.hostfile)))
+    if tcfg.devices == "auto":
+        return gpu_count()
+    return int(tcfg.devices)
+
+
+def hostfile_backend(path: Path) -> str:
+    data = json.loads(path.read_text())
+    return data.get("backend", "") if isinstance(data, dict) else ""
+
+
+def read_hostfile(path: Path) -> list[Any]:
+    from farense.errors import ConfigError
+
+    try:
+        hosts = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: train.hostfile is not a readable JSON hostfile ({e})") from None
+    hosts = hosts.get("hosts", hosts) if isinstance(hosts, dict) else hosts
+    if not isinstance(hosts, list) or not hosts:
+        raise ConfigError(f"{path}: train.hostfile must list hosts (the format of `mlx.distributed_config`)")
+    return hosts
+
+
+def backend() -> str:
+    """NCCL between CUDA GPUs, ring (TCP) elsewhere; FARENSE_DISTRIBUTED_BACKEND overrides (e.g. jaccl, mpi)."""
+    if os.environ.get(BACKEND_ENV):
+        return os.environ[BACKEND_ENV]
+    return "nccl" if mx.cuda.is_available() else "ring"
+
+
+def _free_ports(count: int) -> int:
+    """A base port with `count` consecutive free ports on this host (the ring backend uses one per rank)."""
+    for _ in range(50):
+        base = random.randint(20000, 60000 - count)
+        try:
+            socks = []
+            for p in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free TCP ports for the distributed backend")
+
+
+def launch_command(n: int, job: Path, tcfg: TrainConfig) -> list[str]:
+    # mlx.launch's console script, or its module where MLX was installed without scripts (pip --target)
+    script = Path(sys.executable).parent / "mlx.launch"
+    launcher = [str(script)] if script.is_file() else [sys.executable, "-c", LAUNCH_MAIN]
+    cmd = [*launcher, "--python", sys.executable]
+    if tcfg.hostfile is None or not hostfile_backend(Path(tcfg.hostfile)) or os.environ.get(BACKEND_ENV):
+        cmd += ["--backend", backend()]  # a hostfile's own "backend" wins otherwise
+    if tcfg.hostfile is not None:
+        cmd += ["--hostfile", str(tcfg.hostfile)]
+    else:
+        cmd += ["-n", str(n)]
+    cmd += ["--starting-port", str(_free_ports(n)), "--nccl-port", str(_free_ports(1)), "--cwd", os.getcwd()]
+    return cmd + ["--", "-m", "farense.distributed", str(job)]
+
+
+def launch_train(cfg: FarenseConfig, ctx: Any, n: int) -> dict[str, Any]:
+    """Run the train stage as `n` data-parallel processes and return rank 0's summary.
+
+    The job file carries the config and the stage's folders; workers report progress as prefixed JSON lines that
+    are replayed here into `ctx.reporter`. The work folder (checkpoints) must be shared by all hosts."""
+    from farense.errors import TrainingError
+
+    work = Path(ctx.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    result = work / RESULT_FILE
+    result.unlink(missing_ok=True)
+    job = work / "distributed-job.json"
+    job.write_text(json.dumps({
+        "config": cfg.model_dump(mode="json"),
+        "upstream": {k: str(v) for k, v in ctx.upstream.items()},
+        "out_dir": str(ctx.out_dir),
+        "work_dir": str(work),
+        "result": str(result),
+    }))  # fmt: skip
+    cmd = launch_command(n, job, cfg.train)
+    ctx.reporter.log(f"train: {n} processes, {backend()} backend")
+    mx.clear_cache()  # this process's cached GPU buffers would crowd the workers
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    tail: list[str] = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            text=True, env=env)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith(REPORT_PREFIX):
+                msg = json.loads(line[len(REPORT_PREFIX) :])
+                getattr(ctx.reporter, msg["method"])(*msg["args"])
+            elif line.strip():
+                tail = (tail + [line])[-20:]
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()  # mlx.launch stops every rank; rank 0 saves a checkpoint on the way out
+        proc.wait()
+        raise
+    if not result.is_file():
+        from farense.train import TrainingInterrupted
+
+        errors = sorted(work.glob("rank-*.error"))
+        detail = "; ".join(e.read_text().strip() for e in errors) or "\n".join(tail[-10:])
+        cls = TrainingInterrupted if errors and "interrupted" in detail else TrainingError
+        raise cls(f"distributed training ({n} processes) failed: {detail}")
+    return json.loads(result.read_text())
+
+
+class LineReporter:
+    """A worker's reporter: each call becomes a prefixed JSON line for the launching process."""
+
+    def _emit(self, method: str, *args: Any) -> None:
+        print(REPORT_PREFIX + json.dumps({"method": method, "args": list(args)}, default=str), flush=True)
+
+    def progress(self, description: str, fraction: float) -> None:
+        self._emit("progress", description, fraction)
+
+    def table(self, key: str, rows: list[dict[str, Any]], description: str) -> None:
+        self._emit("table", key, rows, description)
+
+    def markdown(self, key: str, text: str, description: str) -> None:
+        self._emit("markdown", key, text, description)
+
+    def image(self, key: str, path: str, description: str) -> None:
+        self._emit("image", key, path, description)
+
+    def log(self, message: str) -> None:
+        self._emit("log", message)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Worker: `python -m farense.distributed JOB.json`, one per rank, under `mlx.launch`."""
+    from farense.config import FarenseConfig
+    from farense.progress import NullReporter
+    from farense.stages import StageContext
+    from farense.train import train_stage
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    job = json.loads(Path(args[0]).read_text())
+    group = mx.distributed.init(strict=True)
+    rank = group.rank()
+    cfg = FarenseConfig.model_validate(job["config"])
+    ctx = StageContext(
+        upstream={k: Path(v) for k, v in job["upstream"].items()},
+        out_dir=Path(job["out_dir"]),
+        work_dir=Path(job["work_dir"]),
+        reporter=LineReporter() if rank == 0 else NullReporter(),
+    )
+    error_file = Path(job["work_dir"]) / f"rank-{rank}.error"
+    error_file.unlink(missing_ok=True)
+    try:
+        summary = train_stage(cfg, ctx)
+    except BaseException as e:  # noqa: BLE001  (the launcher reads it; mlx.launch keeps no exit codes)
+        error_file.write_text(f"rank {rank}: {e.__class__.__name__}: {e}")
+        raise
+    if rank == 0:
+        Path(job["result"]).write_text(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
