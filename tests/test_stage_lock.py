@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -128,13 +129,25 @@ def long_training(tiny_inputs: Any, tmp_path: Path, name: str, **train: Any) -> 
 def test_two_concurrent_runs_of_one_config_train_once(tiny_inputs: Any, tmp_path: Path) -> None:
     config = long_training(tiny_inputs, tmp_path, "same")
     first = start(RUN, str(config))
-    try:  # the second starts once the first is training: it must wait, not train the same folder
+    second = None
+    try:  # the second starts while the first is training (held stopped, so a fast machine cannot finish first)
         wait_for(lambda: any((tmp_path / "artifacts" / "train").glob(".work-*/metrics.csv")), "the first training")
+        os.kill(first.pid, signal.SIGSTOP)
         second = start(RUN, str(config))
-        (first_result, first_out), (second_result, second_out) = finish(first), finish(second)
+        second_lines: list[str] = []
+        reader = threading.Thread(target=lambda: second_lines.extend(second.stdout), daemon=True)
+        reader.start()
+        wait_for(lambda: any("waiting" in line for line in second_lines), "the second run to wait for the lock")
+        os.kill(first.pid, signal.SIGCONT)
+        first_result, first_out = finish(first)
+        reader.join(timeout=300)
+        assert second.wait(timeout=60) == 0, "".join(second_lines)[-4000:]
+        second_out = "".join(second_lines)
+        second_result = json.loads(next(x for x in second_lines if x.startswith("RESULT ")).removeprefix("RESULT "))
     finally:
-        for proc in (first, locals().get("second")):
+        for proc in (first, second):
             if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
                 proc.kill()
     assert first_result["train"]["built"] is True
     assert second_result["train"]["built"] is False, "the second run trained the same stage again"
