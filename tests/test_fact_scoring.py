@@ -120,3 +120,23 @@ def test_held_out_questions_are_not_training_questions() -> None:
         train.add(" ".join(normalize_words(json.loads(line)["prompt"])))
     for q in load_questions(ROOT / "data/eval/questions.jsonl"):
         assert " ".join(normalize_words(q.question)) not in train, q.question
+
+
+def test_held_out_questions_are_worded_unlike_every_training_question() -> None:
+    """Near copies count too: no training question reads like a held-out one (same words, or nearly the same
+    characters), so the held-out score measures answers to new wordings, not recall of seen ones."""
+    from difflib import SequenceMatcher
+
+    from farense.evaluate import normalize_words
+
+    train = []
+    for line in open(ROOT / "data/farense/qa.jsonl", encoding="utf-8"):
+        train += [normalize_words(m["content"]) for m in json.loads(line)["messages"] if m["role"] == "user"]
+    for line in open(ROOT / "data/farense/completions.jsonl", encoding="utf-8"):
+        train.append(normalize_words(json.loads(line)["prompt"]))
+    for q in load_questions(ROOT / "data/eval/questions.jsonl"):
+        words = normalize_words(q.question)
+        for seen in train:
+            jaccard = len(set(words) & set(seen)) / len(set(words) | set(seen))
+            assert jaccard < 0.8, (q.question, " ".join(seen))
+            assert SequenceMatcher(None, " ".join(words), " ".join(seen)).ratio() < 0.85, (q.question, " ".join(seen))
