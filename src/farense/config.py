@@ -75,6 +75,9 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up, in optimizer steps, then cosine decay")
     max_seq_length: int = Field(512, ge=8)
+    max_grad_norm: float | None = Field(
+        None, gt=0, description="Clip the gradient's global norm to this before each optimizer step; null: no clipping"
+    )
     lora_rank: int = Field(8, ge=1)
     lora_scale: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)

@@ -320,7 +320,11 @@ def train_loop(
     @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
     def apply_update(grad: Any) -> None:
         grad = distributed.average(grad, group)
-        optimizer.update(model, tree_map(lambda g: g / accum, grad) if accum > 1 else grad)
+        if accum > 1:
+            grad = tree_map(lambda g: g / accum, grad)
+        if tcfg.max_grad_norm is not None:
+            grad, _ = optim.clip_grad_norm(grad, tcfg.max_grad_norm)
+        optimizer.update(model, grad)
 
     eval_seconds = 0.0
 
