@@ -309,3 +309,19 @@ def test_masked_head_trains_to_the_same_adapter_as_default_loss(tiny_inputs: dic
     diff = max_abs_diff(tmp_path / "masked" / "adapters.safetensors", tmp_path / "default" / "adapters.safetensors")
     assert diff < 1e-4
     assert abs(masked["best_val_loss"] - default["best_val_loss"]) < 1e-4
+
+
+def test_gradient_clipping_bounds_the_step_and_is_inert_above_the_norm(
+    tiny_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    base = {"train.max_steps": 3, "train.lora_dropout": 0.0}
+    run_train(tiny_inputs, tmp_path / "none", **base)
+    run_train(tiny_inputs, tmp_path / "loose", **base, **{"train.max_grad_norm": 1e6})
+    run_train(tiny_inputs, tmp_path / "tight", **base, **{"train.max_grad_norm": 1e-10})
+    none = tmp_path / "none" / "adapters.safetensors"
+    assert max_abs_diff(none, tmp_path / "loose" / "adapters.safetensors") == 0.0, "a bound above the norm clips nothing"
+    # lora_b starts at zero, so its size is what training moved it. A gradient clipped far below Adam's epsilon
+    # (1e-8) barely moves it.
+    moved = lambda p: max(mx.abs(v).max().item() for k, v in mx.load(str(p)).items() if k.endswith("lora_b"))  # noqa: E731
+    assert moved(none) > 0
+    assert moved(tmp_path / "tight" / "adapters.safetensors") < 0.05 * moved(none)
