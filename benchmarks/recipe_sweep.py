@@ -22,8 +22,6 @@ import json
 import platform
 import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,13 +30,20 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 import farense  # noqa: E402,F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
+from benchmarks.scratch_train import train_stage_in_scratch  # noqa: E402
 from farense.checkpoint import list_checkpoints, read_state  # noqa: E402
 from farense.config import load_config, parse_override  # noqa: E402
-from farense.evaluate import answer_questions, attach_adapter, load_base, load_jsonl_rows, most_common_system_prompt  # noqa: E402
-from farense.fact_scoring import Verdict, fact_summary, load_questions  # noqa: E402
-from farense.progress import NullReporter  # noqa: E402
-from farense.stages import StageContext, run_local  # noqa: E402
-from farense.train import read_metrics, train_stage  # noqa: E402
+from farense.evaluate import (  # noqa: E402
+    answer_questions,
+    attach_adapter,
+    load_base,
+    load_jsonl_rows,
+    most_common_system_prompt,
+    qa_summary,
+)
+from farense.fact_scoring import load_questions  # noqa: E402
+from farense.stages import run_local  # noqa: E402
+from farense.train import read_metrics  # noqa: E402
 
 
 def emit(**row: object) -> None:
@@ -52,8 +57,7 @@ def score(model_dir: Path, adapter_dir: Path | None, questions, system_prompt, c
         model = attach_adapter(model, adapter_dir)
     scored, seconds = answer_questions(model, tokenizer, questions, system_prompt, cfg.eval.max_tokens,
                                        cfg.eval.batch_size)  # fmt: skip
-    verdicts = [Verdict(s["passed"], s["declined"], s["why"]) for s in scored]
-    summary = fact_summary(questions, verdicts)
+    summary = qa_summary(questions, scored, seconds)
     keep = ("fact_accuracy", "live_decline_rate", "facts_declined", "decline_precision", "decline_recall",
             "overall_accuracy")  # fmt: skip
     return {k: summary.get(k) for k in keep} | {"answer_seconds": round(seconds, 2)}, scored
@@ -82,21 +86,15 @@ def main() -> None:
         summary, _ = score(model_dir, None, questions, system_prompt, cfg)
         emit(**common, step=0, epochs=0.0, **summary)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = StageContext(upstream={"data": data_dir, "model": model_dir}, out_dir=Path(tmp) / "out",
-                           work_dir=Path(tmp) / "work", reporter=NullReporter())  # fmt: skip
-        ctx.out_dir.mkdir()
-        start = time.perf_counter()
-        train = train_stage(cfg, ctx)
-        train_seconds = time.perf_counter() - start
+    with train_stage_in_scratch(cfg, data_dir, model_dir) as (train, ctx, train_seconds):
         val_loss = {int(r["step"]): r["loss"] for r in read_metrics(ctx.out_dir / "metrics.csv") if r["kind"] == "valid"}
         n_per_epoch = train["steps"] / max(train["epochs_seen"], 1e-9)
         emit(**common, measure="train", seconds=round(train_seconds, 1), steps=train["steps"],
              tokens_per_s=train["tokens_per_s"], trained_tokens=train["trained_tokens"], best_step=train["best_step"])  # fmt: skip
-        adapter = Path(tmp) / "adapter"
+        adapter = ctx.work_dir.parent / "adapter"
         adapter.mkdir()
         shutil.copyfile(ctx.out_dir / "adapter_config.json", adapter / "adapter_config.json")
-        for ckpt in sorted(list_checkpoints(ctx.work_dir / "checkpoints"), key=lambda p: p.name):
+        for ckpt in reversed(list_checkpoints(ctx.work_dir / "checkpoints")):  # oldest first
             step = read_state(ckpt).step
             shutil.copyfile(ckpt / "adapters.safetensors", adapter / "adapters.safetensors")
             summary, scored = score(model_dir, adapter, questions, system_prompt, cfg)

@@ -18,8 +18,6 @@ import argparse
 import json
 import platform
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,11 +27,11 @@ import farense  # noqa: E402,F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 import psutil  # noqa: E402
 
+from benchmarks.scratch_train import train_stage_in_scratch  # noqa: E402
 from farense.blas import blas_status  # noqa: E402
 from farense.checkpoint import TrainState  # noqa: E402
 from farense.config import load_config, parse_override  # noqa: E402
-from farense.progress import NullReporter  # noqa: E402
-from farense.stages import StageContext, run_local  # noqa: E402
+from farense.stages import run_local  # noqa: E402
 from farense.train import (  # noqa: E402
     BatchOrder,
     collate,
@@ -43,7 +41,6 @@ from farense.train import (  # noqa: E402
     load_jsonl,
     tokenize_rows,
     train_loop,
-    train_stage,
 )
 
 
@@ -153,13 +150,8 @@ def main() -> None:
         # Same config as `loop`, plus what the stage adds: metrics file, progress callbacks, checkpoint at the end,
         # validation at the start and end. One warm-up step first, as for the loop.
         stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": args.steps + 1})})
-        with tempfile.TemporaryDirectory() as tmp:
-            ctx = StageContext(upstream={"data": data_dir, "model": model_dir}, out_dir=Path(tmp) / "out",
-                               work_dir=Path(tmp) / "work", reporter=NullReporter())  # fmt: skip
-            ctx.out_dir.mkdir()
-            start = time.perf_counter()
-            summary = train_stage(stage_cfg, ctx)
-            wall = time.perf_counter() - start
+        with train_stage_in_scratch(stage_cfg, data_dir, model_dir) as (summary, _, wall):
+            pass
         emit(measure="stage", compute_path=summary["compute_path"], steps=summary["steps"], batch=args.batch,
              seq=args.seq, tokens_per_s=summary["tokens_per_s"], stage_wall_s=round(wall, 2),
              peak_gb=summary["peak_gb"])  # fmt: skip

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from farense.config import nested
 from test_evaluate import TinyProject, shared_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,15 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_checkpoint_is_scored_on_the_held_out_questions(tmp_path: Path) -> None:
     project = TinyProject(tmp_path, shared_tiny_model())
-    raw: dict = {}
-    for dotted, value in (project.overrides | {"train.save_every": 2, "train.max_steps": 4}).items():
-        *sections, field = dotted.split(".")
-        node = raw
-        for s in sections:
-            node = node.setdefault(s, {})
-        node[field] = value
     cfg = tmp_path / "sweep.yaml"
-    cfg.write_text(yaml.safe_dump(raw))
+    cfg.write_text(yaml.safe_dump(nested(project.overrides | {"train.save_every": 2, "train.max_steps": 4})))
     out = tmp_path / "sweeps"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "recipe_sweep.py"), "--config", str(cfg), "--name", "tiny",
