@@ -15,6 +15,7 @@ from farense.config import ExportConfig, load_config
 from farense.export import (
     HISTORY,
     LATEST,
+    DRAFT_CORPUS,
     METADATA_FILE,
     VERSIONS,
     publish,
@@ -91,7 +92,14 @@ def test_first_export_is_published_atomically(exported: tuple) -> None:
     assert latest.is_symlink() and not os.readlink(latest).startswith("/")  # relative: the tree can move
     version = published_version(project.cfg.artifacts_dir)
     assert version is not None and version.parent.name == VERSIONS
-    assert {p.name for p in version.iterdir()} == {"adapters.safetensors", "adapter_config.json", METADATA_FILE}
+    assert {p.name for p in version.iterdir()} == {"adapters.safetensors", "adapter_config.json", METADATA_FILE,
+                                                   DRAFT_CORPUS}  # fmt: skip
+    # the draft corpus is the training split's distinct answers (for farense.inference's prompt-lookup draft)
+    train_rows = [json.loads(line) for line in (Path(paths["data"]) / "train.jsonl").read_text().splitlines()]
+    answers = {m["content"] for r in train_rows for m in r.get("messages", []) if m["role"] == "assistant"}
+    answers |= {r["completion"] for r in train_rows if "completion" in r}
+    corpus = json.loads((version / DRAFT_CORPUS).read_text())["answers"]
+    assert set(corpus) == answers and len(corpus) == len(answers) > 0
     assert read_published(project.cfg.artifacts_dir)["published"]["export_dir"] == str(paths["export"])
     assert not [p for p in root.rglob(".tmp-*")] and not [p for p in root.glob(".latest-*")]
     history = [json.loads(line) for line in (root / HISTORY).read_text().splitlines()]

@@ -9,7 +9,7 @@ import pytest
 
 from farense.evaluate import attach_adapter, chat_prompt, generate_answer, load_base
 from farense.export import published_version
-from farense.inference import PromptLookupDraft, load
+from farense.inference import PromptLookupDraft, draft_corpus, load
 from test_evaluate import tiny_project
 
 QUESTIONS = ["Onde joga o Farense?", "Quando foi fundado o Farense?", "Onde joga o Farense?", "Quais são as cores?"]
@@ -28,13 +28,19 @@ def version(tmp_path_factory: pytest.TempPathFactory) -> Path:
     {"fuse": True, "prefix_cache": True, "draft_tokens": 0},
     {"fuse": True, "prefix_cache": True, "draft_tokens": 4},
     {"fuse": False, "prefix_cache": False, "draft_tokens": 3},
+    # a corpus to draft from before any answer: right and wrong guesses alike must leave the answers unchanged
+    {"fuse": True, "prefix_cache": True, "draft_tokens": 8, "draft_corpus": "published"},
+    {"fuse": True, "prefix_cache": True, "draft_tokens": 4, "draft_corpus": ["Não sei.", "O Farense é de Faro."]},
 ])  # fmt: skip
 def test_fast_paths_answer_as_the_validate_stage(version: Path, options: dict) -> None:
     meta = json.loads((version / "metadata.json").read_text())
     base = Path(meta["base_model"]["path"])
     model, tokenizer, _ = load_base(base)
     model = attach_adapter(model, version)
+    if options.get("draft_corpus") == "published":
+        options = options | {"draft_corpus": json.loads((version / "draft_corpus.json").read_text())["answers"]}
     im = load(base, version, system_prompt=meta["system_prompt"], **options)
+    assert im.draft is None or im.draft.has_memory == bool(options.get("draft_corpus"))
     for q in QUESTIONS * 2:  # the second round drafts from remembered answers
         ids = chat_prompt(tokenizer, q, meta["system_prompt"])
         expected = generate_answer(model, tokenizer, ids, 40)
@@ -57,6 +63,30 @@ def test_prompt_lookup_guesses_from_the_sequence_then_from_earlier_answers() -> 
     assert draft.guess([1, 2, 3]) == 4
     history = draft.start([1, 2])
     assert history.trim(1) == 1 and history.tokens == [1]
+
+
+def test_a_seeded_corpus_drafts_before_any_answer_and_recent_answers_win() -> None:
+    draft = PromptLookupDraft(max_ngram=2)
+    assert not draft.has_memory
+    draft.seed([[7, 8, 9], [1, 5]])
+    assert draft.has_memory
+    assert draft.guess([3, 7, 8]) == 9  # from the corpus: "7 8" -> 9
+    assert draft.guess([4, 1]) == 5
+    draft.remember([2, 1, 6])
+    assert draft.guess([4, 1]) == 6  # the recent answer wins over the corpus
+    assert draft.guess([3, 7, 8]) == 9  # the corpus still answers what recent answers do not
+
+
+def test_draft_corpus_is_the_distinct_training_answers_most_frequent_last() -> None:
+    rows = [
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
+                      {"role": "assistant", "content": "A"}, {"role": "user", "content": "q2"},
+                      {"role": "assistant", "content": "B"}]},
+        {"messages": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "B"}]},
+        {"prompt": "p", "completion": "C"},
+        {"text": "plain text rows have no answer"},
+    ]  # fmt: skip
+    assert draft_corpus(rows) == ["A", "C", "B"]
 
 
 def test_the_dense_copy_loads_back_to_the_same_answers(version: Path, tmp_path: Path) -> None:

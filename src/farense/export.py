@@ -30,12 +30,15 @@ from typing import Any
 
 from farense import __version__
 from farense.config import ExportConfig, FarenseConfig
+from farense.batching import load_jsonl
 from farense.errors import FarenseError
 from farense.evaluate import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_FILE, METRICS_FILE
+from farense.inference import draft_corpus
 from farense.progress import NullReporter, Reporter
 from farense.store import ArtifactStore, hash_json, sha256_file
 
 METADATA_FILE = "metadata.json"
+DRAFT_CORPUS = "draft_corpus.json"  # the training answers, for farense.inference's prompt-lookup draft
 FUSED_DIR = "fused"
 PUBLISHED_DIR = "published"
 LATEST = "latest"
@@ -57,6 +60,10 @@ def export_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     for name in (ADAPTER_FILE, ADAPTER_CONFIG):
         shutil.copyfile(valid_dir / ADAPTER_DIR / name, out / name)
     meta = export_metadata(cfg, model_dir, train_dir, valid_dir, Path(bench_dir) if bench_dir else None, out)
+    data_dir = Path(meta["data"]["path"]) if meta["data"].get("path") else None
+    if data_dir is not None and (data_dir / "train.jsonl").is_file():
+        corpus = draft_corpus(load_jsonl(data_dir / "train.jsonl"))
+        (out / DRAFT_CORPUS).write_text(json.dumps({"answers": corpus}, ensure_ascii=False))
     if cfg.export.fuse:
         meta["fused"] = fuse_model(model_dir, out, out / FUSED_DIR, cfg.export.fuse_dequantize)
         reporter.log(f"export: fused model written to {out / FUSED_DIR} ({meta['fused']['bytes'] / 1e6:.1f} MB)")
@@ -97,6 +104,7 @@ def export_metadata(
         "config_sha256": hash_json(cfg.model_dump(mode="json")),
         "data": {
             "stage_key": data_key,
+            "path": str(data_record.path.resolve()) if data_record else None,
             "dataset_sha256": data_record.manifest["inputs"].get("dataset") if data_record else None,
             "stats": data_record.manifest.get("summary") if data_record else None,
             "valid_sha256": metrics.get("valid_sha256"),
@@ -332,8 +340,9 @@ def _copy_version(root: Path, export_dir: Path, meta: dict[str, Any], record: di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        for f in (ADAPTER_FILE, ADAPTER_CONFIG):
-            shutil.copyfile(export_dir / f, tmp / f)
+        for f in (ADAPTER_FILE, ADAPTER_CONFIG, DRAFT_CORPUS):
+            if f != DRAFT_CORPUS or (export_dir / f).is_file():  # exports before it have none
+                shutil.copyfile(export_dir / f, tmp / f)
         meta = meta | {"published": {"version": final.name, "export_dir": str(export_dir), "decision": record}}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str))
         for f in tmp.iterdir():

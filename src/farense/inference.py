@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -157,12 +157,15 @@ def load(
     dtype: str | None = None,
     draft_tokens: int = DRAFT_TOKENS,
     dense_copy: Path | None = None,
+    draft_corpus: Sequence[str] = (),
 ) -> InferenceModel:
     """Load the base (compute path applied), add the adapter and fuse it; cache the system prompt's prefix.
 
     `dense_copy`: a folder for the fused dense model. Loading it back skips dequantizing and fusing (the slow part
     of a cold start on CPU); it is written on the first load, and read when it exists (the caller keys it by
     adapter version, which never changes once published).
+    `draft_corpus`: texts the prompt-lookup draft may guess from before it has answered anything (the answers the
+    adapter was trained on): a new process's first answer is drafted too. Guesses never change the answer.
     """
     from mlx_lm.utils import load as mlx_load
 
@@ -193,8 +196,11 @@ def load(
     if draft_tokens > 0:
         im.draft, im.draft_tokens = PromptLookupDraft(), draft_tokens
         im.draft._vocab = int(getattr(getattr(model, "args", None), "vocab_size", 0) or tokenizer.vocab_size)
+        end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        im.draft.seed([tokenizer.encode(t, add_special_tokens=False) + end for t in draft_corpus])
     im.options = {"fuse": fuse and adapter_dir is not None, "prefix_cache": bool(im._prefix),
-                  "prefix_tokens": len(im._prefix), "prompt_lookup_draft_tokens": draft_tokens, "compute": info,
+                  "prefix_tokens": len(im._prefix), "prompt_lookup_draft_tokens": draft_tokens, "draft_corpus_texts": len(draft_corpus),
+                  "compute": info,
                   "from_dense_copy": from_copy,
                   "load_seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
     return im
@@ -272,6 +278,19 @@ def _fresh_cache(model: nn.Module) -> list[Any]:
     return make_prompt_cache(model)
 
 
+def draft_corpus(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """The distinct answers of training rows (assistant turns, completions), the most frequent last (it wins a
+    tie in the draft's index)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        texts = [m.get("content") for m in row.get("messages", []) if m.get("role") == "assistant"]
+        texts.append(row.get("completion"))
+        for t in texts:
+            if isinstance(t, str) and t.strip():
+                counts[t] = counts.get(t, 0) + 1
+    return sorted(counts, key=lambda t: counts[t])
+
+
 class TokenHistory:
     """The draft's "KV cache": the token ids it has seen, trimmed by mlx-lm when guesses are rejected."""
 
@@ -294,7 +313,7 @@ class TokenHistory:
 class PromptLookupDraft(nn.Module):
     """A draft "model" for mlx-lm's speculative_generate_step that guesses by prompt lookup: the token that
     followed the longest recent match (up to `max_ngram` tokens) of the sequence's tail, searched in the sequence
-    itself and then in the last `memory` answers. Its logits are one-hot; mlx-lm keeps a guess only where the
+    itself, then in the last `memory` answers, then in a seeded corpus (the training answers). Its logits are one-hot; mlx-lm keeps a guess only where the
     real model's greedy token is the same, so the answer does not depend on how good the guesses are."""
 
     def __init__(self, max_ngram: int = 4, memory: int = 64) -> None:
@@ -303,6 +322,7 @@ class PromptLookupDraft(nn.Module):
         self.max_ngram, self.memory = max_ngram, memory
         self._answers: list[list[int]] = []
         self._index: dict[tuple[int, ...], int] = {}
+        self._corpus_index: dict[tuple[int, ...], int] = {}
         self._vocab = 0
 
     def make_cache(self) -> list[Any]:
@@ -310,7 +330,12 @@ class PromptLookupDraft(nn.Module):
 
     @property
     def has_memory(self) -> bool:
-        return bool(self._answers)
+        return bool(self._answers or self._corpus_index)
+
+    def seed(self, corpus: Sequence[Sequence[int]]) -> None:
+        """Index fixed texts (the answers the adapter was trained on) to guess from when no recent answer has the
+        tail: a new process drafts from its first question on. Recent answers win over the corpus."""
+        self._corpus_index = self._ngram_index(corpus)
 
     def start(self, prefix: list[int]) -> TokenHistory:
         return TokenHistory(prefix)
@@ -320,11 +345,15 @@ class PromptLookupDraft(nn.Module):
         if not answer:
             return
         self._answers = [*self._answers, list(answer)][-self.memory :]
-        self._index = {}
-        for a in self._answers:
+        self._index = self._ngram_index(self._answers)
+
+    def _ngram_index(self, texts: Sequence[Sequence[int]]) -> dict[tuple[int, ...], int]:
+        index: dict[tuple[int, ...], int] = {}
+        for a in texts:  # a later text wins a tie
             for n in range(1, self.max_ngram + 1):
                 for i in range(len(a) - n):
-                    self._index[tuple(a[i : i + n])] = a[i + n]
+                    index[tuple(a[i : i + n])] = a[i + n]
+        return index
 
     def guess(self, seq: list[int]) -> int:
         for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
@@ -332,7 +361,8 @@ class PromptLookupDraft(nn.Module):
             for i in range(len(seq) - n - 1, -1, -1):  # latest earlier occurrence in this sequence
                 if seq[i : i + n] == tail:
                     return seq[i + n]
-            hit = self._index.get(tuple(tail))
+            key = tuple(tail)
+            hit = self._index.get(key, self._corpus_index.get(key))
             if hit is not None:
                 return hit
         return seq[-1]
