@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from farense.evaluate import attach_adapter, chat_prompt, generate_answer, load_base
-from farense.export import published_version
+from farense.export import published_version, read_draft_corpus
 from farense.inference import PromptLookupDraft, draft_corpus, load
 from test_evaluate import tiny_project
 
@@ -38,7 +38,7 @@ def test_fast_paths_answer_as_the_validate_stage(version: Path, options: dict) -
     model, tokenizer, _ = load_base(base)
     model = attach_adapter(model, version)
     if options.get("draft_corpus") == "published":
-        options = options | {"draft_corpus": json.loads((version / "draft_corpus.json").read_text())["answers"]}
+        options = options | {"draft_corpus": read_draft_corpus(version)}
     im = load(base, version, system_prompt=meta["system_prompt"], **options)
     assert im.draft is None or im.draft.has_memory == bool(options.get("draft_corpus"))
     for q in QUESTIONS * 2:  # the second round drafts from remembered answers

@@ -22,7 +22,8 @@ def test_the_whole_pipeline_runs_without_prefect_and_reports_each_stage(tmp_path
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert list(row["seconds"]) == [s for s in STAGES if s != "benchmark"] and all(s >= 0 for s in row["seconds"].values())
+    assert list(row["seconds"]) == [s for s in STAGES if s != "benchmark"]  # benchmark.enabled: false
+    assert all(s >= 0 for s in row["seconds"].values())
     assert all(row["built"].values()), "a fresh artifacts folder: every stage is built by this run"
     assert row["train_steps"] == 2 and row["train_tokens_per_s"] > 0
     assert set(row["fact_accuracy"]) == {"base", "tuned"} and row["val_loss"]["tuned"] is not None

@@ -49,7 +49,7 @@ def resolve_artifacts(artifacts: Path | None, config: Path | None) -> Path:
 
 def load_published(artifacts_dir: Path, compute_path: str = "auto", version: Path | None = None) -> PublishedModel:
     """The adapter `published/latest` points to (resolved once, or the given version folder), on its base model."""
-    from farense.export import DRAFT_CORPUS, METADATA_FILE, published_root, published_version
+    from farense.export import METADATA_FILE, published_root, published_version, read_draft_corpus
     from farense.inference import load
 
     version = version or published_version(artifacts_dir)
@@ -64,10 +64,9 @@ def load_published(artifacts_dir: Path, compute_path: str = "auto", version: Pat
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     if meta["base_model"].get("weights_bytes") not in (None, size):
         raise AskError(f"the base model at {base} is not the one {version.name} was trained on (weights changed)")
-    corpus_file = version / DRAFT_CORPUS
-    corpus = json.loads(corpus_file.read_text(encoding="utf-8"))["answers"] if corpus_file.is_file() else []
     engine = load(base, version, system_prompt=meta.get("system_prompt"), compute_path=compute_path,
-                  dense_copy=dense_copy_dir(artifacts_dir, version), draft_corpus=corpus)  # fmt: skip
+                  dense_copy=dense_copy_dir(artifacts_dir, version),
+                  draft_corpus=read_draft_corpus(version))  # fmt: skip
     return PublishedModel(engine, meta, version)
 
 

@@ -272,6 +272,12 @@ def published_version(artifacts_dir: Path) -> Path | None:
     return target if (target / METADATA_FILE).is_file() else None
 
 
+def read_draft_corpus(version: Path) -> list[str]:
+    """The training answers a published version carries for the prompt-lookup draft ([] for versions without)."""
+    path = Path(version) / DRAFT_CORPUS
+    return json.loads(path.read_text(encoding="utf-8"))["answers"] if path.is_file() else []
+
+
 def read_published(artifacts_dir: Path) -> dict[str, Any] | None:
     version = published_version(artifacts_dir)
     if version is None:
@@ -340,9 +346,10 @@ def _copy_version(root: Path, export_dir: Path, meta: dict[str, Any], record: di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        for f in (ADAPTER_FILE, ADAPTER_CONFIG, DRAFT_CORPUS):
-            if f != DRAFT_CORPUS or (export_dir / f).is_file():  # exports before it have none
-                shutil.copyfile(export_dir / f, tmp / f)
+        for f in (ADAPTER_FILE, ADAPTER_CONFIG):
+            shutil.copyfile(export_dir / f, tmp / f)
+        if (export_dir / DRAFT_CORPUS).is_file():  # exports made before it existed have none
+            shutil.copyfile(export_dir / DRAFT_CORPUS, tmp / DRAFT_CORPUS)
         meta = meta | {"published": {"version": final.name, "export_dir": str(export_dir), "decision": record}}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str))
         for f in tmp.iterdir():

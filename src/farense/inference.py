@@ -199,9 +199,8 @@ def load(
         end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         im.draft.seed([tokenizer.encode(t, add_special_tokens=False) + end for t in draft_corpus])
     im.options = {"fuse": fuse and adapter_dir is not None, "prefix_cache": bool(im._prefix),
-                  "prefix_tokens": len(im._prefix), "prompt_lookup_draft_tokens": draft_tokens, "draft_corpus_texts": len(draft_corpus),
-                  "compute": info,
-                  "from_dense_copy": from_copy,
+                  "prefix_tokens": len(im._prefix), "prompt_lookup_draft_tokens": draft_tokens,
+                  "draft_corpus_texts": len(draft_corpus), "compute": info, "from_dense_copy": from_copy,
                   "load_seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
     return im
 
@@ -313,8 +312,9 @@ class TokenHistory:
 class PromptLookupDraft(nn.Module):
     """A draft "model" for mlx-lm's speculative_generate_step that guesses by prompt lookup: the token that
     followed the longest recent match (up to `max_ngram` tokens) of the sequence's tail, searched in the sequence
-    itself, then in the last `memory` answers, then in a seeded corpus (the training answers). Its logits are one-hot; mlx-lm keeps a guess only where the
-    real model's greedy token is the same, so the answer does not depend on how good the guesses are."""
+    itself, then in the last `memory` answers, then in a seeded corpus (the training answers). Its logits are
+    one-hot; mlx-lm keeps a guess only where the real model's greedy token is the same, so the answer does not
+    depend on how good the guesses are."""
 
     def __init__(self, max_ngram: int = 4, memory: int = 64) -> None:
         super().__init__()
