@@ -22,6 +22,7 @@ from farense.export import (
     published_root,
     published_version,
     quality_gate,
+    read_draft_corpus,
     read_published,
 )
 from test_evaluate import RecordingReporter, TinyProject, tiny_project
@@ -94,12 +95,17 @@ def test_first_export_is_published_atomically(exported: tuple) -> None:
     assert version is not None and version.parent.name == VERSIONS
     assert {p.name for p in version.iterdir()} == {"adapters.safetensors", "adapter_config.json", METADATA_FILE,
                                                    DRAFT_CORPUS}  # fmt: skip
-    # the draft corpus is the training split's distinct answers (for farense.inference's prompt-lookup draft)
+    # the draft corpus is the training split's distinct answers, each with its questions (for farense.answer_draft)
     train_rows = [json.loads(line) for line in (Path(paths["data"]) / "train.jsonl").read_text().splitlines()]
     answers = {m["content"] for r in train_rows for m in r.get("messages", []) if m["role"] == "assistant"}
     answers |= {r["completion"] for r in train_rows if "completion" in r}
-    corpus = json.loads((version / DRAFT_CORPUS).read_text())["answers"]
-    assert set(corpus) == answers and len(corpus) == len(answers) > 0
+    corpus = read_draft_corpus(version)
+    assert set(corpus.answers) == answers and len(corpus.answers) == len(answers) > 0
+    assert len(corpus.questions) == len(corpus.answers) and all(corpus.questions)
+    row = next(r for r in train_rows if "messages" in r)
+    asked = [m["content"] for m in row["messages"] if m["role"] == "user"][-1]
+    said = [m["content"] for m in row["messages"] if m["role"] == "assistant"][-1]
+    assert asked in corpus.questions[corpus.answers.index(said)]
     assert read_published(project.cfg.artifacts_dir)["published"]["export_dir"] == str(paths["export"])
     assert not [p for p in root.rglob(".tmp-*")] and not [p for p in root.glob(".latest-*")]
     history = [json.loads(line) for line in (root / HISTORY).read_text().splitlines()]

@@ -33,12 +33,12 @@ from farense.config import ExportConfig, FarenseConfig
 from farense.batching import load_jsonl
 from farense.errors import FarenseError
 from farense.evaluate import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_FILE, METRICS_FILE
-from farense.inference import draft_corpus
+from farense.answer_draft import DraftCorpus, draft_corpus
 from farense.progress import NullReporter, Reporter
 from farense.store import ArtifactStore, hash_json, sha256_file
 
 METADATA_FILE = "metadata.json"
-DRAFT_CORPUS = "draft_corpus.json"  # the training answers, for farense.inference's prompt-lookup draft
+DRAFT_CORPUS = "draft_corpus.json"  # the training answers and their questions, for farense.answer_draft
 FUSED_DIR = "fused"
 PUBLISHED_DIR = "published"
 LATEST = "latest"
@@ -63,7 +63,7 @@ def export_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     data_dir = Path(meta["data"]["path"]) if meta["data"].get("path") else None
     if data_dir is not None and (data_dir / "train.jsonl").is_file():
         corpus = draft_corpus(load_jsonl(data_dir / "train.jsonl"))
-        (out / DRAFT_CORPUS).write_text(json.dumps({"answers": corpus}, ensure_ascii=False))
+        (out / DRAFT_CORPUS).write_text(json.dumps(corpus.to_json(), ensure_ascii=False))
     if cfg.export.fuse:
         meta["fused"] = fuse_model(model_dir, out, out / FUSED_DIR, cfg.export.fuse_dequantize)
         reporter.log(f"export: fused model written to {out / FUSED_DIR} ({meta['fused']['bytes'] / 1e6:.1f} MB)")
@@ -272,10 +272,11 @@ def published_version(artifacts_dir: Path) -> Path | None:
     return target if (target / METADATA_FILE).is_file() else None
 
 
-def read_draft_corpus(version: Path) -> list[str]:
-    """The training answers a published version carries for the prompt-lookup draft ([] for versions without)."""
+def read_draft_corpus(version: Path) -> DraftCorpus:
+    """The training answers (and their questions) a published version carries for the draft; empty for versions
+    without (older versions carry answers only)."""
     path = Path(version) / DRAFT_CORPUS
-    return json.loads(path.read_text(encoding="utf-8"))["answers"] if path.is_file() else []
+    return DraftCorpus.from_json(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else DraftCorpus()
 
 
 def read_published(artifacts_dir: Path) -> dict[str, Any] | None:

@@ -7,10 +7,11 @@ What makes it faster than stock mlx-lm with `--adapter-path` on CPU (benchmarks/
   that is 210 fewer pairs of small matmuls (7 projections x 30 layers for SmolLM2) for the same weights read.
 - The KV cache of the fixed prefix every prompt starts with (chat template + system prompt) is computed once and
   kept; each answer runs only its own tokens on top and then trims the cache back to the prefix.
-- Speculative decoding with mlx-lm's own loop, with a draft that costs nothing: prompt lookup. The next tokens are
-  guessed from where the last few tokens occurred before (in this prompt and answer, or in earlier answers), and
-  the model checks several guesses in one forward pass. Decoding on CPU is bound by reading the weights, so
-  checking 4 tokens costs about as much as producing 1. Only tokens the model itself picks greedily are kept.
+- Speculative decoding with a draft that costs nothing: the training answers (farense.answer_draft). The
+  fine-tuned model mostly answers with a training answer word for word, so the draft proposes the rest of the
+  training answer whose question is closest to the one asked, and the model checks all of it in one forward pass.
+  Decoding on CPU is bound by reading the weights: checking 32 tokens costs about three single-token steps. Only
+  tokens the model itself picks greedily are kept, so the draft changes the speed, never the answer.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from farense.answer_draft import AnswerDraft, DraftCorpus
+
 Messages = Sequence[dict[str, str]]
-DRAFT_TOKENS = 8  # guesses checked per forward pass (benchmarks/decode_speed.py compares 0, 2, 4, 8)
+DRAFT_TOKENS = 32  # most guesses checked per forward pass (benchmarks/decode_speed.py compares 0-48)
 Prompt = Union[str, Sequence[int], Messages]
 
 
@@ -61,7 +64,7 @@ class InferenceModel:
     options: dict[str, Any] = field(default_factory=dict)
     _prefix: list[int] = field(default_factory=list)
     _cache: list[Any] | None = None
-    draft: "PromptLookupDraft | None" = None
+    draft: AnswerDraft | None = None
     draft_tokens: int = 0
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
@@ -95,38 +98,81 @@ class InferenceModel:
         start = time.perf_counter()
         cached = self._reusable_prefix(ids)
         cache = self._cache if cached else None
-        speculative: dict[str, Any] = {}
-        # With no earlier answer to draft from, wrong guesses would only add work: decode plainly.
-        if self.draft is not None and self.draft.has_memory:
-            history = self.draft.start(ids[:cached])
-            cache = (cache or _fresh_cache(self.model)) + [history]
-            speculative = {"draft_model": self.draft, "num_draft_tokens": self.draft_tokens}
+        question = _question(prompt)
+        responses = None
+        # With nothing to draft from (no training answers, no earlier answer), guesses would only add work.
+        if self.draft is not None and self.draft_tokens > 0 and self.draft.has_memory:
+            tokens = self._speculative(ids, cached, cache or _fresh_cache(self.model), question, max_tokens)
+        else:
+            responses = stream_generate(self.model, self.tokenizer, ids[cached:], max_tokens=max_tokens,
+                                        prompt_cache=cache)  # fmt: skip
+            tokens = (r.token for r in responses)
+        detokenizer = self.tokenizer.detokenizer
+        eos = set(self.tokenizer.eos_token_ids)
         pieces: list[str] = []
         answer: list[int] = []
-        last = None
-        responses = stream_generate(
-            self.model, self.tokenizer, ids[cached:], max_tokens=max_tokens, prompt_cache=cache, **speculative
-        )
         try:
-            for response in responses:
-                last = response
-                answer.append(response.token)
-                if response.text:
-                    pieces.append(response.text)
-                    yield response.text
+            for token in tokens:
+                answer.append(token)
+                if token in eos:
+                    break
+                detokenizer.add_token(token)
+                if len(answer) == max_tokens:
+                    break
+                piece = detokenizer.last_segment
+                if piece:
+                    pieces.append(piece)
+                    yield piece
         finally:
-            responses.close()  # mlx-lm rewinds its caches on close: let it do so before we trim to the prefix
+            tokens.close()
+            if responses is not None:
+                responses.close()  # mlx-lm rewinds its caches on close: let it do so before we trim to the prefix
             if cached:
                 from mlx_lm.models.cache import trim_prompt_cache
 
                 trim_prompt_cache(self._cache, self._cache[0].offset - cached)
             if self.draft is not None:
-                self.draft.remember(answer)
+                self.draft.remember(answer, question)
+        detokenizer.finalize()
+        piece = detokenizer.last_segment  # reading it consumes it
+        if piece:
+            pieces.append(piece)
+            yield piece
         seconds = time.perf_counter() - start
-        if last is None:
-            yield Generation("", 0, len(ids), seconds, None, cached)
-            return
-        yield Generation("".join(pieces).strip(), last.generation_tokens, len(ids), seconds, last.finish_reason, cached)
+        finish = None if not answer else "stop" if answer[-1] in eos else "length"
+        yield Generation("".join(pieces).strip(), len(answer), len(ids), seconds, finish, cached)
+
+    def _speculative(
+        self, ids: list[int], cached: int, cache: list[Any], question: str | None, max_tokens: int
+    ) -> Iterator[int]:
+        """Greedy tokens, several per forward pass: the draft's guesses ride along with the input, and the model's
+        own greedy picks decide how many are kept (decoding on CPU is bound by reading the weights, so checking
+        32 guesses costs about three single-token steps). The first pass also runs the prompt's own tokens.
+
+        mlx-lm's speculative loop asks a draft model for a fixed number of tokens, one call each; here the draft
+        proposes as many as it has (a whole training answer at once, or none), which halves the passes."""
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        assert self.draft is not None
+        state = self.draft.begin(ids, question)
+        inputs, answer = ids[cached:], []
+        start_offset = cache[0].offset
+        try:
+            while len(answer) < max_tokens:
+                room = min(max_tokens - len(answer) - 1, self.context_length - len(ids) - len(answer) - 1)
+                guesses = self.draft.propose(state, answer, min(self.draft_tokens, room))
+                logits = self.model(mx.array(inputs + guesses)[None], cache=cache)
+                picks = mx.argmax(logits[0, len(inputs) - 1 :], axis=-1).tolist()
+                kept = 0
+                while kept < len(guesses) and picks[kept] == guesses[kept]:
+                    kept += 1
+                trim_prompt_cache(cache, len(guesses) - kept)
+                for token in picks[: kept + 1]:
+                    answer.append(token)
+                    yield token
+                inputs = [picks[kept]]
+        finally:  # leave the cache as it was before this answer, whatever the caller did with it
+            trim_prompt_cache(cache, cache[0].offset - start_offset)
 
     def _reusable_prefix(self, ids: list[int]) -> int:
         n = len(self._prefix)
@@ -157,15 +203,16 @@ def load(
     dtype: str | None = None,
     draft_tokens: int = DRAFT_TOKENS,
     dense_copy: Path | None = None,
-    draft_corpus: Sequence[str] = (),
+    draft_corpus: DraftCorpus | Sequence[str] = (),
 ) -> InferenceModel:
     """Load the base (compute path applied), add the adapter and fuse it; cache the system prompt's prefix.
 
     `dense_copy`: a folder for the fused dense model. Loading it back skips dequantizing and fusing (the slow part
     of a cold start on CPU); it is written on the first load, and read when it exists (the caller keys it by
     adapter version, which never changes once published).
-    `draft_corpus`: texts the prompt-lookup draft may guess from before it has answered anything (the answers the
-    adapter was trained on): a new process's first answer is drafted too. Guesses never change the answer.
+    `draft_corpus`: the answers the adapter was trained on (with their questions, or plain texts), for the draft
+    to guess from before it has answered anything: a new process's first answer is drafted too. Guesses never
+    change the answer.
     """
     from mlx_lm.utils import load as mlx_load
 
@@ -193,14 +240,14 @@ def load(
     im = InferenceModel(model, tokenizer, system_prompt, context_length(Path(base_dir)))
     if prefix_cache:
         im.cache_prefix(system_prefix(tokenizer, system_prompt))
+    corpus = draft_corpus if isinstance(draft_corpus, DraftCorpus) else DraftCorpus(list(draft_corpus))
     if draft_tokens > 0:
-        im.draft, im.draft_tokens = PromptLookupDraft(), draft_tokens
-        im.draft._vocab = int(getattr(getattr(model, "args", None), "vocab_size", 0) or tokenizer.vocab_size)
+        im.draft, im.draft_tokens = AnswerDraft(), draft_tokens
         end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        im.draft.seed([tokenizer.encode(t, add_special_tokens=False) + end for t in draft_corpus])
+        im.draft.seed([tokenizer.encode(t, add_special_tokens=False) + end for t in corpus.answers], corpus.questions)
     im.options = {"fuse": fuse and adapter_dir is not None, "prefix_cache": bool(im._prefix),
-                  "prefix_tokens": len(im._prefix), "prompt_lookup_draft_tokens": draft_tokens,
-                  "draft_corpus_texts": len(draft_corpus), "compute": info, "from_dense_copy": from_copy,
+                  "prefix_tokens": len(im._prefix), "draft_tokens": draft_tokens,
+                  "draft_corpus_texts": len(corpus.answers), "compute": info, "from_dense_copy": from_copy,
                   "load_seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
     return im
 
@@ -271,107 +318,15 @@ def system_prefix(tokenizer: Any, system_prompt: str | None) -> list[int]:
     return a[:n]
 
 
+def _question(prompt: Prompt) -> str | None:
+    """What the user asked: the question, or the last user turn of a conversation (None for token ids)."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    return users[-1] if users and isinstance(users[-1], str) else None
+
+
 def _fresh_cache(model: nn.Module) -> list[Any]:
     from mlx_lm.models.cache import make_prompt_cache
 
     return make_prompt_cache(model)
-
-
-def draft_corpus(rows: Iterable[dict[str, Any]]) -> list[str]:
-    """The distinct answers of training rows (assistant turns, completions), the most frequent last (it wins a
-    tie in the draft's index)."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        texts = [m.get("content") for m in row.get("messages", []) if m.get("role") == "assistant"]
-        texts.append(row.get("completion"))
-        for t in texts:
-            if isinstance(t, str) and t.strip():
-                counts[t] = counts.get(t, 0) + 1
-    return sorted(counts, key=lambda t: counts[t])
-
-
-class TokenHistory:
-    """The draft's "KV cache": the token ids it has seen, trimmed by mlx-lm when guesses are rejected."""
-
-    def __init__(self, tokens: list[int]) -> None:
-        self.tokens = list(tokens)
-
-    @property
-    def state(self) -> mx.array:
-        return mx.array(self.tokens[-1:], mx.uint32)
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = min(n, len(self.tokens))
-        del self.tokens[len(self.tokens) - n :]
-        return n
-
-
-class PromptLookupDraft(nn.Module):
-    """A draft "model" for mlx-lm's speculative_generate_step that guesses by prompt lookup: the token that
-    followed the longest recent match (up to `max_ngram` tokens) of the sequence's tail, searched in the sequence
-    itself, then in the last `memory` answers, then in a seeded corpus (the training answers). Its logits are
-    one-hot; mlx-lm keeps a guess only where the real model's greedy token is the same, so the answer does not
-    depend on how good the guesses are."""
-
-    def __init__(self, max_ngram: int = 4, memory: int = 64) -> None:
-        super().__init__()
-        self.layers: list[Any] = []  # mlx-lm splits prompt caches by len(model.layers)
-        self.max_ngram, self.memory = max_ngram, memory
-        self._answers: list[list[int]] = []
-        self._index: dict[tuple[int, ...], int] = {}
-        self._corpus_index: dict[tuple[int, ...], int] = {}
-        self._vocab = 0
-
-    def make_cache(self) -> list[Any]:
-        return [TokenHistory([])]
-
-    @property
-    def has_memory(self) -> bool:
-        return bool(self._answers or self._corpus_index)
-
-    def seed(self, corpus: Sequence[Sequence[int]]) -> None:
-        """Index fixed texts (the answers the adapter was trained on) to guess from when no recent answer has the
-        tail: a new process drafts from its first question on. Recent answers win over the corpus."""
-        self._corpus_index = self._ngram_index(corpus)
-
-    def start(self, prefix: list[int]) -> TokenHistory:
-        return TokenHistory(prefix)
-
-    def remember(self, answer: list[int]) -> None:
-        """Index a finished answer's n-grams for later guesses (the most recent answer wins a tie)."""
-        if not answer:
-            return
-        self._answers = [*self._answers, list(answer)][-self.memory :]
-        self._index = self._ngram_index(self._answers)
-
-    def _ngram_index(self, texts: Sequence[Sequence[int]]) -> dict[tuple[int, ...], int]:
-        index: dict[tuple[int, ...], int] = {}
-        for a in texts:  # a later text wins a tie
-            for n in range(1, self.max_ngram + 1):
-                for i in range(len(a) - n):
-                    index[tuple(a[i : i + n])] = a[i + n]
-        return index
-
-    def guess(self, seq: list[int]) -> int:
-        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
-            tail = seq[-n:]
-            for i in range(len(seq) - n - 1, -1, -1):  # latest earlier occurrence in this sequence
-                if seq[i : i + n] == tail:
-                    return seq[i + n]
-            key = tuple(tail)
-            hit = self._index.get(key, self._corpus_index.get(key))
-            if hit is not None:
-                return hit
-        return seq[-1]
-
-    def __call__(self, inputs: mx.array, cache: list[Any]) -> mx.array:
-        history: TokenHistory = cache[0]
-        history.tokens.extend(int(t) for t in inputs.reshape(-1).tolist())
-        if not self._vocab:
-            raise RuntimeError("PromptLookupDraft.vocab_size must be set before use")
-        nxt = self.guess(history.tokens)
-        row = mx.where(mx.arange(self._vocab) == nxt, 0.0, -1e9)
-        return mx.broadcast_to(row, (1, inputs.shape[-1], self._vocab))
