@@ -29,7 +29,7 @@ import mlx.nn as nn  # noqa: E402
 
 from farense import inference  # noqa: E402
 from farense.evaluate import attach_adapter, generate_answer, load_base  # noqa: E402
-from farense.export import METADATA_FILE, published_version  # noqa: E402
+from farense.export import METADATA_FILE, published_version, read_draft_corpus  # noqa: E402
 
 Answerer = Callable[[str], tuple[str, int, float]]  # question -> (text, tokens, seconds)
 
@@ -49,7 +49,7 @@ def engine(**options: Any) -> Callable[[Path, Path, str | None], Answerer]:
     quantize_bits = options.pop("quantize_bits", None)
 
     def build(base: Path, adapter: Path, system: str | None) -> Answerer:
-        im = inference.load(base, adapter, system_prompt=system, **options)
+        im = inference.load(base, adapter, system_prompt=system, draft_corpus=read_draft_corpus(adapter), **options)
         if quantize_bits:
             # MLX's own quantized matmul on the fused dense weights (the embedding/lm_head included).
             nn.quantize(im.model, group_size=64, bits=quantize_bits)
@@ -70,9 +70,11 @@ OPTIONS: dict[str, tuple[Callable[..., Answerer], bool]] = {  # name -> (builder
     "fused, float32": (engine(prefix_cache=False, draft_tokens=0), False),
     "unfused, float32, system-prefix KV cache": (engine(fuse=False, draft_tokens=0), False),
     "fused, float32, system-prefix KV cache": (engine(draft_tokens=0), False),
-    "fused, float32, prefix cache, prompt-lookup speculation 2": (engine(draft_tokens=2), False),
-    "fused, float32, prefix cache, prompt-lookup speculation 4": (engine(draft_tokens=4), False),
-    "fused, float32, prefix cache, prompt-lookup speculation 8 (farense.inference default)": (engine(), False),
+    "fused, float32, prefix cache, drafts from the training answers, 8 a pass": (engine(draft_tokens=8), False),
+    "fused, float32, prefix cache, drafts from the training answers, 16 a pass": (engine(draft_tokens=16), False),
+    "fused, float32, prefix cache, drafts from the training answers, 32 a pass": (engine(draft_tokens=32), False),
+    "fused, float32, prefix cache, drafts from the training answers, 48 a pass (farense.inference default)": (
+        engine(), False),
     "fused, bfloat16, system-prefix KV cache": (engine(dtype="bfloat16", draft_tokens=0), True),
     "fused, float16, system-prefix KV cache": (engine(dtype="float16", draft_tokens=0), True),
     "fused, 8-bit MLX quantized, system-prefix KV cache": (engine(quantize_bits=8, draft_tokens=0), True),

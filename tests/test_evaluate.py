@@ -186,6 +186,13 @@ def test_validate_writes_metrics_answers_and_artifacts(validated: tuple) -> None
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert [a["reference"] for a in answers] == ["No Estádio de São Luís, em Faro.", "Em 1910."]
     assert all(a["base_tokens"] <= 6 and a["tuned_tokens"] <= 6 for a in answers)
+    # Answers stopped by eval.max_tokens rather than by the model are counted, and said so where they fail.
+    for name in ("base", "tuned"):
+        cut = [a for a in answers if a[f"{name}_tokens"] == 6]  # batched answering: max_tokens long means cut
+        assert metrics[name]["answers_cut"] == len(cut)
+        assert all("cut at 6 tokens" in a[f"{name}_why"] for a in cut if not a[f"{name}_passed"])
+    cut_logged = any("cut at eval.max_tokens=6" in m for k, _, m in reporter.calls if k == "log")
+    assert cut_logged == (metrics["tuned"]["answers_cut"] > 0)
     md = (out / "answers.md").read_text()
     assert "| id | category | question | tuned answer | tuned | why |" in md and "Quando foi fundado" in md
     assert "Quando foi fundado" in reporter.of("markdown")["validate-answers"]

@@ -217,7 +217,9 @@ def answer_questions(
     for q, a in zip(questions, answers):
         v = score_answer(q, a.text)
         scored.append({"answer": a.text, **token_f1(a.text, q.reference), "tokens": a.tokens,
-                       "passed": v.passed, "declined": v.declined, "why": v.why})  # fmt: skip
+                       "cut": a.finish_reason == "length", "passed": v.passed, "declined": v.declined,
+                       "why": v.why + (f" (answer cut at {max_tokens} tokens)" if a.finish_reason == "length" and
+                                       not v.passed else "")})  # fmt: skip
     return scored, seconds
 
 
@@ -234,6 +236,7 @@ def qa_summary(questions: Sequence[HeldOutQuestion], scored: Sequence[dict[str, 
         "qa_recall": mean("recall"),
         "qa_exact": mean("exact"),
         "answer_tokens": mean("tokens"),
+        "answers_cut": sum(bool(s.get("cut")) for s in scored),  # stopped by eval.max_tokens, not by the model
         "answer_seconds": seconds / n,
         "generation_tokens_per_s": tokens / max(seconds, 1e-9),
         **fact_summary(questions, verdicts),
@@ -270,6 +273,9 @@ def validate_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         results[name] = {**loss, **qa_summary(questions, answers[name], seconds)}
         reporter.progress(f"validate: {name} answered {len(questions)} questions", (2 * i + 2) / 4)
         reporter.log(f"validate: {name}: {headline(results[name])}")
+        if name == "tuned" and results[name].get("answers_cut"):
+            reporter.log(f"validate: {results[name]['answers_cut']} tuned answers were cut at eval.max_tokens="
+                         f"{cfg.eval.max_tokens}: they are scored as cut; raise it to score whole answers")  # fmt: skip
     del model
     mx.clear_cache()
 
@@ -335,7 +341,7 @@ def validate_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
 
 
 METRIC_NAMES = ("fact_accuracy", "facts_declined", "live_decline_rate", "decline_precision", "decline_recall",
-                "overall_accuracy", "val_loss", "perplexity", "qa_f1", "qa_exact", "answer_tokens",
+                "overall_accuracy", "val_loss", "perplexity", "qa_f1", "qa_exact", "answer_tokens", "answers_cut",
                 "generation_tokens_per_s")  # fmt: skip
 
 
