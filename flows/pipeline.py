@@ -31,7 +31,10 @@ def run_stages(config: FarenseConfig, until: Stage, only: Stage | None = None, f
         if fresh:  # as in run_local: refresh_cache alone reruns the task, which then finds the artifact built
             store.remove(stage, plan.key)
         task = stage_task(stage, cfg, fresh=fresh)
-        paths[stage] = task(cfg, plan, {u: paths[u] for u in plan.upstream})
+        task(cfg, plan, {u: paths[u] for u in plan.upstream})
+        # The key decides the folder: a cached result holds the path it was built at, which is wrong once the
+        # artifacts tree has been moved or copied.
+        paths[stage] = str(store.path(stage, plan.key))
     return paths
 
 

@@ -84,6 +84,20 @@ def test_deleted_artifact_is_rebuilt_and_not_cached(harness: Any, tiny_config: F
     assert list((tiny_config.artifacts_dir / "model").glob("*/manifest.json"))
 
 
+def test_a_moved_artifacts_tree_is_still_a_cache_hit_at_its_new_place(
+    harness: Any, tiny_inputs: Any, tiny_config: FarenseConfig, tmp_path: Path
+) -> None:
+    run_flow(tiny_config, "model")
+    moved = tmp_path / "elsewhere" / "artifacts"
+    shutil.move(tiny_config.artifacts_dir, moved)
+    config_file = tiny_inputs.config_file(tmp_path / "elsewhere" / "farense.yaml", moved)
+    state = farense(config_file=str(config_file), until="model", return_state=True)
+    assert task_states(state.state_details.flow_run_id, 2) == {"data": "Cached", "model": "Cached"}
+    paths = state.result()
+    assert {s: Path(p) for s, p in paths.items()} == {s: moved / s / Path(p).name for s, p in paths.items()}
+    assert all(Path(p).is_dir() for p in paths.values())
+
+
 def test_fresh_rebuilds_every_selected_stage(harness: Any, tiny_config: FarenseConfig) -> None:
     run_flow(tiny_config, "model")
     before = manifest_times(tiny_config, ["data", "model"])
