@@ -38,7 +38,12 @@ def test_monitor_follows_a_training_from_start_to_end(tiny_inputs: Any, tmp_path
     proc = start(RUN, str(config))
     try:
         wait_for(lambda: steps_logged(work) >= 20, "20 training steps")
-        snap = monitor(config, "--once", "--json")
+        # Paused while the snapshot is taken: on a loaded machine the tiny training could otherwise finish first.
+        os.killpg(proc.pid, signal.SIGSTOP)
+        try:
+            snap = monitor(config, "--once", "--json")
+        finally:
+            os.killpg(proc.pid, signal.SIGCONT)
         assert snap.returncode == 0, snap.stderr
         now = json.loads(snap.stdout)
         assert (now["key"], now["state"], now["total_steps"]) == (key, "running", 150)
