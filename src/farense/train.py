@@ -285,6 +285,12 @@ class LoopResult:
     peak_gb: float
 
 
+# One compiled graph for gradient and update when there is no accumulation: 4% faster than two graphs for the
+# Mistral-7B shape on an H200 (benchmarks/GPU_RESULTS.md, 2026-11-27), the same on the 2-core CPU. False: two
+# graphs, as with accumulation (tests compare the two).
+ONE_GRAPH_STEP = True
+
+
 def train_loop(
     model: nn.Module,
     optimizer: optim.Optimizer,
@@ -309,22 +315,31 @@ def train_loop(
     loss_and_grad = nn.value_and_grad(model, chosen_loss(masked))
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
-    def micro_step(inputs: tuple[mx.array, ...], prev_grad: Any) -> tuple[mx.array, mx.array, Any]:
+    def gradient(inputs: tuple[mx.array, ...], prev_grad: Any) -> tuple[mx.array, mx.array, Any]:
         (loss, ntoks), grad = loss_and_grad(model, *inputs)
         loss, ntoks, grad = distributed.weight_by_tokens(loss, ntoks, grad, group)
         if prev_grad is not None:
             grad = tree_map(lambda x, y: x + y, grad, prev_grad)
         return loss, ntoks, grad
 
-    @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
-    def apply_update(grad: Any) -> None:
+    def update(grad: Any) -> None:
         grad = distributed.average(grad, group)
         if accum > 1:
             grad = tree_map(lambda g: g / accum, grad)
         if tcfg.max_grad_norm is not None:
             grad, _ = optim.clip_grad_norm(grad, tcfg.max_grad_norm)
         optimizer.update(model, grad)
+
+    def whole(inputs: tuple[mx.array, ...]) -> tuple[mx.array, mx.array]:
+        loss, ntoks, grad = gradient(inputs, None)
+        update(grad)
+        return loss, ntoks
+
+    compiled = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
+    micro_step, apply_update = compiled(gradient), compiled(update)
+    # Without accumulation the gradient and the update are one graph, evaluated once a step (no gradient tree
+    # materialized between two graphs, one synchronization instead of two).
+    whole_step = compiled(whole) if accum == 1 and ONE_GRAPH_STEP else None
 
     eval_seconds = 0.0
 
@@ -371,8 +386,12 @@ def train_loop(
                 # dropout noise is a function of the position (and the rank: each sees other examples)
                 mx.random.seed(rng_seed(tcfg.seed, micro * size + rank))
                 batch, lengths = collate(train_set, distributed.shard(idx, rank, size), tcfg.max_seq_length)
-                loss, ntoks, grad = micro_step(loss_inputs(batch, lengths, masked), grad)
-                mx.eval(loss, ntoks, grad)
+                if whole_step is not None:
+                    loss, ntoks = whole_step(loss_inputs(batch, lengths, masked))
+                    mx.eval(loss, ntoks, model.state, optimizer.state)
+                else:
+                    loss, ntoks, grad = micro_step(loss_inputs(batch, lengths, masked), grad)
+                    mx.eval(loss, ntoks, grad)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise TrainingError(
@@ -383,8 +402,9 @@ def train_loop(
                 step_tokens += distributed.sum_across(int(lengths[:, 1].sum().item()), group)
                 window_loss += loss_value
                 window_n += 1
-            apply_update(grad)
-            mx.eval(model.state, optimizer.state)
+            if whole_step is None:
+                apply_update(grad)
+                mx.eval(model.state, optimizer.state)
             state.step += 1
             next_epoch, next_offset, _ = order.batch_at(state.step * accum)
             state.epoch, state.batch_in_epoch = next_epoch, next_offset
