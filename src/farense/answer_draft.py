@@ -81,11 +81,11 @@ class DraftState:
 
     prompt: list[int]
     ranked: list[list[int]]
-    candidates: list[list[int]] = field(default_factory=list)  # those that agree with `agreed_on`
     agreed_on: list[int] = field(default_factory=list)
+    candidates: list[list[int]] = field(init=False)  # those of `ranked` that agree with `agreed_on`
 
     def __post_init__(self) -> None:
-        self.candidates = list(self.ranked)
+        self.candidates = self.ranked
 
 
 class AnswerDraft:

@@ -216,10 +216,10 @@ def answer_questions(
     scored = []
     for q, a in zip(questions, answers):
         v = score_answer(q, a.text)
-        scored.append({"answer": a.text, **token_f1(a.text, q.reference), "tokens": a.tokens,
-                       "cut": a.finish_reason == "length", "passed": v.passed, "declined": v.declined,
-                       "why": v.why + (f" (answer cut at {max_tokens} tokens)" if a.finish_reason == "length" and
-                                       not v.passed else "")})  # fmt: skip
+        cut = a.finish_reason == "length"  # stopped by max_tokens, not by the model
+        why = v.why + (f" (answer cut at {max_tokens} tokens)" if cut and not v.passed else "")
+        scored.append({"answer": a.text, **token_f1(a.text, q.reference), "tokens": a.tokens, "cut": cut,
+                       "passed": v.passed, "declined": v.declined, "why": why})  # fmt: skip
     return scored, seconds
 
 
