@@ -125,6 +125,10 @@ class AnswerDraft:
         else:
             self._index.update(self._ngram_index([answer]))  # the newest answer wins a tie
 
+    def forget(self) -> None:
+        """Drop the remembered answers; the training answers stay."""
+        self._recent, self._index = [], {}
+
     def begin(self, prompt: Sequence[int], question: str | None = None) -> DraftState:
         """Rank the candidate answers for a new answer to `prompt` (token ids), asked as `question`."""
         # An answer's score: the mean similarity of its TOP_QUESTIONS closest questions to the one asked (the

@@ -5,7 +5,8 @@ LoRA layers are added (`apply_compute_path`):
 
 - "quantized": mlx's own QuantizedLinear / QuantizedEmbedding. Best on Apple GPUs, where quantized matmuls are fast.
 - "dequantized": the 4-bit weights are expanded once into ordinary Linear / Embedding layers (fp32 on CPU), so
-  matmuls go to BLAS. The CPU path: training steps ran 8-17x faster than on the quantized path here.
+  matmuls go to BLAS. The CPU path: training steps ran 8-17x faster than on the quantized path here. On the CPU
+  the MLPs also take farense.fast_math's SwiGLU (mlx's CPU exp is scalar); that one import is lazy.
 - "recompute": QuantizedLinear subclasses whose forward dequantizes the weight and calls a dense matmul, and whose
   custom vjp dequantizes again in the backward pass instead of keeping the dense weight alive (as bitsandbytes
   does). Their `to_lora` gives a LoRALinear whose vjp keeps no fp32 copy of its input either. The CUDA path:
@@ -57,6 +58,7 @@ def apply_compute_path(model: nn.Module, path: str, dtype: mx.Dtype | None = Non
     the scales' dtype ("recompute"); "quantized" ignores it.
     """
     path = select_compute_path(path)
+    fast_math = 0
     if path == "quantized":
         converted = 0
         out_dtype = _quantized_dtype(model)
@@ -66,6 +68,10 @@ def apply_compute_path(model: nn.Module, path: str, dtype: mx.Dtype | None = Non
         if out_dtype is not None:
             # Norms and other dense weights follow, so activations stay in one dtype end to end.
             model.apply(lambda a: a.astype(out_dtype) if mx.issubdtype(a.dtype, mx.floating) else a)
+        if mx.default_device() == mx.cpu:
+            from farense.fast_math import use_fast_math  # mlx's CPU exp is scalar: farense.fast_math says why
+
+            fast_math = use_fast_math(model)
     else:
         converted = _replace_quantized(model, lambda m: _recompute_layer(m, dtype))
         out_dtype = dtype or _quantized_dtype(model)
@@ -75,6 +81,7 @@ def apply_compute_path(model: nn.Module, path: str, dtype: mx.Dtype | None = Non
         "layers_converted": converted,
         "dtype": _dtype_name(out_dtype),
         "base_weight_bytes": int(weight_bytes),
+        "fast_math_layers": fast_math,
         "mlx_max_ops_per_buffer": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
     }
 

@@ -1,0 +1,109 @@
+"""farense.fast_math: its exp and swiglu give mlx's values and gradients, and swapping a model's MLPs for them
+changes neither the model's outputs nor its LoRA training (loss and gradients)."""
+
+from __future__ import annotations
+
+import farense  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models import llama
+from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from farense import fast_math
+from farense.compute import apply_compute_path
+
+
+def test_exp_matches_mx_exp_over_the_float32_range():
+    x = mx.linspace(-87.0, 88.0, 200_001)
+    ours, ref = fast_math.exp(x), mx.exp(x)
+    assert (mx.abs(ours - ref) / ref).max().item() < 3e-7
+    assert fast_math.exp(mx.array(0.0)).item() == 1.0
+
+
+def test_exp_saturates_instead_of_wrapping():
+    out = np.array(fast_math.exp(mx.array([-mx.inf, -1e30, -200.0, 200.0, 1e30, mx.inf])))
+    assert (out[:3] < 1e-37).all() and (out[:3] >= 0).all()
+    assert np.isposinf(out[3:]).all()  # as mx.exp
+
+
+def test_exp_gradient_is_its_value():
+    x = mx.array([-3.0, -0.5, 0.0, 0.7, 5.0])
+    grad = mx.grad(lambda v: fast_math.exp(v).sum())(x)
+    assert mx.allclose(grad, mx.exp(x), rtol=3e-7).item()
+
+
+def test_swiglu_matches_mlx_lm_in_value_and_gradients():
+    gate, x = mx.random.normal((3, 5, 64), key=mx.random.key(0)) * 4, mx.random.normal((3, 5, 64), key=mx.random.key(1))
+    ct = mx.random.normal((3, 5, 64), key=mx.random.key(2))
+    assert mx.allclose(fast_math.swiglu(gate, x), mlx_lm_swiglu(gate, x), rtol=1e-6, atol=1e-7).item()
+
+    def grads(fn):
+        return mx.grad(lambda g, v: (fn(g, v) * ct).sum(), argnums=(0, 1))(gate, x)
+
+    for ours, ref in zip(grads(fast_math.swiglu), grads(mlx_lm_swiglu)):
+        assert mx.allclose(ours, ref, rtol=1e-5, atol=1e-6).item()
+
+
+def tiny_llama(seed: int = 0) -> llama.Model:
+    mx.random.seed(seed)
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=100)  # fmt: skip
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def with_lora(model: nn.Module) -> nn.Module:
+    model.freeze()
+    keys = ["self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": keys})
+    mx.random.seed(1)  # lora_b != 0, so every LoRA matrix gets a gradient
+    model.update(tree_map(lambda p: 0.1 * mx.random.normal(p.shape), model.trainable_parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def test_use_fast_math_swaps_every_mlp_once_and_keeps_the_outputs():
+    model = tiny_llama()
+    tokens = mx.random.randint(0, 100, (2, 9), key=mx.random.key(3))
+    before = model(tokens)
+    names = [k for k, _ in tree_flatten(model.parameters())]
+    assert not fast_math.uses_fast_math(model)
+    assert fast_math.use_fast_math(model) == 2
+    assert fast_math.use_fast_math(model) == 0  # already swapped
+    assert fast_math.uses_fast_math(model)
+    assert all(type(layer.mlp).__name__ == "FastMathMLP" for layer in model.model.layers)
+    assert [k for k, _ in tree_flatten(model.parameters())] == names
+    assert mx.allclose(model(tokens), before, rtol=1e-5, atol=1e-5).item()
+
+
+def test_lora_training_step_has_the_same_loss_and_gradients():
+    tokens = mx.random.randint(0, 100, (2, 17), key=mx.random.key(5))
+
+    def loss(model: nn.Module, t: mx.array) -> mx.array:
+        return nn.losses.cross_entropy(model(t[:, :-1]), t[:, 1:]).mean()
+
+    plain = with_lora(tiny_llama())
+    fast = tiny_llama()
+    fast_math.use_fast_math(fast)
+    fast = with_lora(fast)
+    (l1, g1), (l2, g2) = (nn.value_and_grad(m, loss)(m, tokens) for m in (plain, fast))
+    assert abs(l1.item() - l2.item()) <= 1e-5 * abs(l1.item())
+    g1, g2 = dict(tree_flatten(g1)), dict(tree_flatten(g2))
+    assert g1.keys() == g2.keys() and any("mlp.gate_proj.lora_a" in k for k in g1)
+    for k in g1:
+        assert mx.allclose(g1[k], g2[k], rtol=1e-4, atol=1e-6).item(), k
+
+
+def test_the_cpu_compute_path_applies_it_and_records_it():
+    model = tiny_llama()
+    nn.quantize(model, group_size=32, bits=4)
+    info = apply_compute_path(model, "dequantized")
+    assert info["fast_math_layers"] == (2 if mx.default_device() == mx.cpu else 0)
+    quantized = tiny_llama()
+    nn.quantize(quantized, group_size=32, bits=4)
+    assert apply_compute_path(quantized, "quantized")["fast_math_layers"] == 0
+    assert not fast_math.uses_fast_math(quantized)
