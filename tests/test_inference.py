@@ -99,6 +99,20 @@ def test_the_answer_of_the_closest_training_question_is_proposed_whole() -> None
     assert draft.propose(state, [5], 0) == []
 
 
+def test_an_answer_begun_in_other_words_is_drafted_from_where_it_joins_a_training_answer() -> None:
+    draft = AnswerDraft()
+    stadium, colours = [5, 6, 7, 8, 30, 31, 32, 33, 34, 35, 36, 0], [5, 9, 10, 0]
+    draft.seed([stadium, colours], [["Onde joga o Farense?"], ["Quais são as cores do clube?"]])
+    state = draft.begin([1, 2], "E o estadio?")
+    # "Não. " (99) and then the colours answer: no answer agrees from the start, but "5 9" is inside the colours.
+    assert draft.propose(state, [99, 5, 9], 32) == [10, 0]
+    # A one-token tail is inside both: the better-ranked answer (the stadium) continues, a few tokens only.
+    assert draft.propose(state, [99, 5], 32) == [6, 7, 8, 30, 31, 32, 33, 34]
+    assert draft.propose(draft.begin([1, 2], "cores?"), [99, 5], 32) == [9, 10, 0]
+    # Found nowhere: prompt lookup.
+    assert draft.propose(state, [99, 98], 32)[0] == draft.guess([1, 2, 99, 98])
+
+
 def test_a_repeated_question_is_drafted_from_its_last_answer() -> None:
     draft = AnswerDraft(memory=2)
     draft.seed([[5, 6, 0]], [["Onde joga o Farense?"]])

@@ -4,7 +4,9 @@ answers the adapter was trained on are the draft.
 The fine-tuned model mostly answers with one of its training answers word for word (68 of the 75 held-out answers
 of the default run). So the draft ranks the training answers by how close their questions are to the one asked
 (weighted overlap of words and letter trigrams, accents folded), and proposes the rest of the best-ranked answer
-that agrees with what has been decoded so far. Where none agrees, it falls back to prompt lookup: the token that
+that agrees with what has been decoded so far. Where none agrees from the start (the model began its answer in
+its own words, or joined two answers), it proposes what follows the answer's last tokens in the best-ranked
+training answer that contains them, and where no answer does, falls back to prompt lookup: the token that
 followed the longest recent match of the sequence's tail in the sequence itself, in recent answers or in the
 training answers. A guess is kept only where the model's own greedy token is the same, so answers never depend on
 the draft; only their speed does.
@@ -22,6 +24,8 @@ from typing import Any
 
 TOP_QUESTIONS = 3  # an answer is ranked by its closest questions, this many
 NGRAM_GUESSES = 8  # prompt-lookup guesses per step when no training answer agrees (decode_speed.py compared 2-8)
+ANCHOR_TOKENS = 4  # the longest tail of the answer looked up inside the training answers
+WEAK_ANCHOR_GUESSES = 8  # guesses after a one-token match (a replay of the 75 held-out answers chose 8 of 8-48)
 
 
 @dataclass
@@ -81,6 +85,7 @@ class DraftState:
 
     prompt: list[int]
     ranked: list[list[int]]
+    rank_of: dict[int, int] = field(default_factory=dict)  # training answer index -> its place in `ranked`
     agreed_on: list[int] = field(default_factory=list)
     candidates: list[list[int]] = field(init=False)  # those of `ranked` that agree with `agreed_on`
 
@@ -99,6 +104,7 @@ class AnswerDraft:
         self._recent: list[tuple[set[str] | None, list[int]]] = []
         self._index: dict[tuple[int, ...], int] = {}
         self._corpus_index: dict[tuple[int, ...], int] = {}
+        self._inside: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # n-gram -> (answer, where it ends)
 
     @property
     def has_memory(self) -> bool:
@@ -109,6 +115,11 @@ class AnswerDraft:
         each answered (optional: without them candidates are ranked by frequency alone)."""
         self._answers = [list(a) for a in answers]
         self._corpus_index = self._ngram_index(self._answers)
+        self._inside = {}
+        for i, a in enumerate(self._answers):
+            for n in range(1, ANCHOR_TOKENS + 1):
+                for end in range(n, len(a)):
+                    self._inside.setdefault(tuple(a[end - n : end]), []).append((i, end))
         asked = [(features(q), i) for i, qs in enumerate(questions) for q in qs]
         df = Counter(f for fs, _ in asked for f in fs)
         self._idf = {f: math.log(1 + len(asked) / c) for f, c in df.items()}
@@ -146,7 +157,7 @@ class AnswerDraft:
         # A recent answer to the same question comes first; other recent answers go after the corpus.
         repeats = [a for fs, a in reversed(self._recent) if asked and fs == asked]
         others = [a for fs, a in reversed(self._recent) if not (asked and fs == asked)]
-        return DraftState(list(prompt), repeats + candidates + others)
+        return DraftState(list(prompt), repeats + candidates + others, {i: r for r, i in enumerate(ranked)})
 
     def propose(self, state: DraftState, answer: list[int], limit: int) -> list[int]:
         """Up to `limit` guessed tokens to follow `answer` (the tokens decoded so far)."""
@@ -160,10 +171,23 @@ class AnswerDraft:
         for c in state.candidates:
             if len(c) > n:
                 return c[n : n + limit]
+        anchored = self._anchored(state, answer, limit)
+        if anchored:
+            return anchored
         seq, out = state.prompt + answer, []
         for _ in range(min(limit, NGRAM_GUESSES)):
             out.append(self.guess(seq + out))
         return out
+
+    def _anchored(self, state: DraftState, answer: list[int], limit: int) -> list[int]:
+        """What follows the answer's last tokens (the longest tail found, up to ANCHOR_TOKENS) in the best-ranked
+        training answer containing them."""
+        for n in range(min(ANCHOR_TOKENS, len(answer)), 0, -1):
+            places = self._inside.get(tuple(answer[-n:]))
+            if places:
+                i, end = min(places, key=lambda p: state.rank_of.get(p[0], len(self._answers)))
+                return self._answers[i][end : end + (limit if n > 1 else min(limit, WEAK_ANCHOR_GUESSES))]
+        return []
 
     def guess(self, seq: list[int]) -> int:
         """Prompt lookup: what followed the longest match of the tail, in `seq`, recent answers, the corpus."""
