@@ -15,6 +15,7 @@ log-sum-exp built on this exp (mx.fast's attention kernel and the loss's own bac
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import mlx.core as mx
@@ -86,14 +87,9 @@ def _fast_mlp_class(cls: type) -> type:
 
 def use_fast_math(model: nn.Module) -> int:
     """Give every SwiGLU MLP of mlx-lm's llama, qwen2 and qwen3 layers this module's swiglu (its weights, LoRA
-    layers and names stay as they are); return how many. The masked-head loss then uses this cross_entropy."""
-    import importlib
-
-    classes = set()
-    for name in SWIGLU_MLP_MODULES:
-        mlp = getattr(importlib.import_module(name), "MLP", None)
-        if mlp is not None:
-            classes.add(mlp)
+    layers and names stay as they are); return how many."""
+    # A model's classes come from modules already imported: look only there, and import nothing new.
+    classes = {getattr(sys.modules[name], "MLP", None) for name in SWIGLU_MLP_MODULES if name in sys.modules}
     swapped = 0
     for _, m in model.named_modules():
         if type(m) in classes:
