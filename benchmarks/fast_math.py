@@ -76,11 +76,12 @@ def train_step(model_dir: Path, batch: int, rounds: int) -> None:
     from farense.loss import masked_head_loss
     from farense.train import load_for_training, loss_inputs
 
-    tcfg = load_config(None, root=ROOT).train
+    tcfg = load_config(None, root=ROOT).train  # train.fast_math on for one model, off for the other
     rng = random.Random(0)
     examples = [([rng.randrange(100, 40000) for _ in range(128)], 0) for _ in range(batch)]
     inputs = loss_inputs(*collate(examples, list(range(batch)), 128), True)
-    models = load_both(lambda: load_for_training(model_dir, tcfg)[0])
+    models = {name: load_for_training(model_dir, tcfg.model_copy(update={"fast_math": on}))[0]
+              for name, on in (("plain", False), ("fast_math", True))}  # fmt: skip
     steps = {}
     for name, model in models.items():
         value_and_grad = nn.value_and_grad(model, masked_head_loss)

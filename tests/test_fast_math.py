@@ -14,6 +14,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from farense import fast_math
 from farense.compute import apply_compute_path
+from farense.config import TrainConfig
 
 
 def test_exp_matches_mx_exp_over_the_float32_range():
@@ -103,7 +104,23 @@ def test_the_cpu_compute_path_applies_it_and_records_it():
     nn.quantize(model, group_size=32, bits=4)
     info = apply_compute_path(model, "dequantized")
     assert info["fast_math_layers"] == (2 if mx.default_device() == mx.cpu else 0)
+    off = tiny_llama()
+    nn.quantize(off, group_size=32, bits=4)
+    assert apply_compute_path(off, "dequantized", fast_math=False)["fast_math_layers"] == 0
+    assert not fast_math.uses_fast_math(off)
     quantized = tiny_llama()
     nn.quantize(quantized, group_size=32, bits=4)
     assert apply_compute_path(quantized, "quantized")["fast_math_layers"] == 0
     assert not fast_math.uses_fast_math(quantized)
+
+
+def test_training_takes_it_only_when_the_config_asks(tiny_inputs):
+    from farense.train import load_for_training
+
+    assert TrainConfig().fast_math is False
+    cpu = mx.default_device() == mx.cpu
+    for on in (False, True):
+        tcfg = TrainConfig(fast_math=on, compute_path="dequantized")
+        trained, _, info = load_for_training(tiny_inputs.model, tcfg)
+        assert fast_math.uses_fast_math(trained) == (on and cpu)
+        assert (info["fast_math_layers"] > 0) == (on and cpu)

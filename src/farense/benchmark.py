@@ -83,7 +83,8 @@ def measure_training(cfg: FarenseConfig, model_dir: Path, train_set: list, mode:
     on_cpu = mx.default_device() == mx.cpu
     # float16/bfloat16 arithmetic is emulated on CPU (10-45x slower than float32): there every mode computes in
     # float32, as the trainer's dequantized path does, so the modes differ only in how they hold the base weights.
-    compute = apply_compute_path(model, TRAIN_MODES[mode], dtype=mx.float32 if on_cpu else None)
+    compute = apply_compute_path(model, TRAIN_MODES[mode], dtype=mx.float32 if on_cpu else None,
+                                 fast_math=tcfg.fast_math)
     if on_cpu:
         model.apply(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a)
         compute["dtype"] = "float32"

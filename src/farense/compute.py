@@ -6,7 +6,7 @@ LoRA layers are added (`apply_compute_path`):
 - "quantized": mlx's own QuantizedLinear / QuantizedEmbedding. Best on Apple GPUs, where quantized matmuls are fast.
 - "dequantized": the 4-bit weights are expanded once into ordinary Linear / Embedding layers (fp32 on CPU), so
   matmuls go to BLAS. The CPU path: training steps ran 8-17x faster than on the quantized path here. On the CPU
-  the MLPs also take farense.fast_math's SwiGLU (mlx's CPU exp is scalar); that one import is lazy.
+  the MLPs also take farense.fast_math's SwiGLU for answering (mlx's CPU exp is scalar); that one import is lazy.
 - "recompute": QuantizedLinear subclasses whose forward dequantizes the weight and calls a dense matmul, and whose
   custom vjp dequantizes again in the backward pass instead of keeping the dense weight alive (as bitsandbytes
   does). Their `to_lora` gives a LoRALinear whose vjp keeps no fp32 copy of its input either. The CUDA path:
@@ -51,14 +51,18 @@ def select_compute_path(requested: str = "auto") -> str:
     return requested
 
 
-def apply_compute_path(model: nn.Module, path: str, dtype: mx.Dtype | None = None) -> dict[str, Any]:
+def apply_compute_path(
+    model: nn.Module, path: str, dtype: mx.Dtype | None = None, fast_math: bool = True
+) -> dict[str, Any]:
     """Convert the base model's quantized layers in place for `path`; return what was done, for run metadata.
 
     `dtype` is the dense weight dtype: by default fp32 on CPU and the scales' dtype elsewhere ("dequantized"),
-    the scales' dtype ("recompute"); "quantized" ignores it.
+    the scales' dtype ("recompute"); "quantized" ignores it. `fast_math`: on the CPU, "dequantized" also gives the
+    MLPs farense.fast_math's SwiGLU (greedy answers were the same on all 75 held-out questions; training takes it
+    only when train.fast_math asks, since it changes the adapter's rounding).
     """
     path = select_compute_path(path)
-    fast_math = 0
+    fast_math_layers = 0
     if path == "quantized":
         converted = 0
         out_dtype = _quantized_dtype(model)
@@ -68,10 +72,10 @@ def apply_compute_path(model: nn.Module, path: str, dtype: mx.Dtype | None = Non
         if out_dtype is not None:
             # Norms and other dense weights follow, so activations stay in one dtype end to end.
             model.apply(lambda a: a.astype(out_dtype) if mx.issubdtype(a.dtype, mx.floating) else a)
-        if mx.default_device() == mx.cpu:
+        if fast_math and mx.default_device() == mx.cpu:
             from farense.fast_math import use_fast_math  # mlx's CPU exp is scalar: farense.fast_math says why
 
-            fast_math = use_fast_math(model)
+            fast_math_layers = use_fast_math(model)
     else:
         converted = _replace_quantized(model, lambda m: _recompute_layer(m, dtype))
         out_dtype = dtype or _quantized_dtype(model)
@@ -81,7 +85,7 @@ def apply_compute_path(model: nn.Module, path: str, dtype: mx.Dtype | None = Non
         "layers_converted": converted,
         "dtype": _dtype_name(out_dtype),
         "base_weight_bytes": int(weight_bytes),
-        "fast_math_layers": fast_math,
+        "fast_math_layers": fast_math_layers,
         "mlx_max_ops_per_buffer": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
     }
 

@@ -180,7 +180,7 @@ def load_for_training(model_dir: Path, tcfg: TrainConfig) -> tuple[nn.Module, An
     model, tokenizer = load(str(model_dir))
     model.freeze()
     path = select_compute_path(tcfg.compute_path)
-    compute = apply_compute_path(model, path)
+    compute = apply_compute_path(model, path, fast_math=tcfg.fast_math)
     linear_to_lora_layers(model, tcfg.lora_layers, lora_parameters(tcfg))
     if tcfg.grad_checkpoint:
         grad_checkpoint(model.layers[0])
