@@ -28,6 +28,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx_lm.models.activations import swiglu as mlx_lm_swiglu  # noqa: E402
 
+from benchmarks.step_profile import median_seconds  # noqa: E402
 from farense import fast_math  # noqa: E402
 
 
@@ -35,28 +36,18 @@ def emit(**row: Any) -> None:
     print(json.dumps(row), flush=True)
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int = 20) -> float:
-    mx.eval(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def ops() -> None:
     x = mx.random.normal((800 * 1536,), key=mx.random.key(0)) * 4
     mx.eval(x)
     for name, fn in (("add", lambda: x + x), ("mx.exp", lambda: mx.exp(x)), ("fast_math.exp", lambda: fast_math.exp(x))):
-        emit(measure="op", op=name, ns_per_element=round(1e9 * median_seconds(fn) / x.size, 2))
+        emit(measure="op", op=name, ns_per_element=round(1e9 * median_seconds(fn, 20) / x.size, 2))
     gate, up = (mx.random.normal((4, 127, 1536), key=mx.random.key(k)) for k in (1, 2))
     mx.eval(gate, up)
     for name, fn in (("mlx_lm swiglu", mlx_lm_swiglu), ("fast_math.swiglu", fast_math.swiglu)):
         grad = mx.compile(mx.grad(lambda g, u, fn=fn: (fn(g, u) * u).sum(), argnums=(0, 1)))
         emit(measure="op", op=name, shape=[4, 127, 1536],
-             forward_ms=round(1000 * median_seconds(lambda fn=fn: fn(gate, up)), 3),
-             forward_backward_ms=round(1000 * median_seconds(lambda grad=grad: grad(gate, up)), 3))  # fmt: skip
+             forward_ms=round(1000 * median_seconds(lambda fn=fn: fn(gate, up), 20), 3),
+             forward_backward_ms=round(1000 * median_seconds(lambda grad=grad: grad(gate, up), 20), 3))  # fmt: skip
 
 
 def load_both(load: Callable[[], Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     mx.eval(fn())  # compile and first allocations
     times = []
     for _ in range(repeats):
@@ -65,8 +65,8 @@ def profile_step(model: nn.Module, batch: mx.array, lengths: mx.array, loss_fn: 
     h = inner.embed_tokens(inputs)
     mx.eval(h)
     layer = inner.layers[-1]
-    step_s = _median_seconds(step, repeats)
-    update_s = _median_seconds(update, repeats)
+    step_s = median_seconds(step, repeats)
+    update_s = median_seconds(update, repeats)
 
     attn_lin = 2 * n * (2 * D * D + 2 * D * Hkv * hd)
     attn_sdpa = 2 * 2 * B * H * T * T * hd
@@ -78,8 +78,8 @@ def profile_step(model: nn.Module, batch: mx.array, lengths: mx.array, loss_fn: 
 
     def part(name: str, fwd: Callable[[], Any], both: Callable[[], Any], flop_fwd: float, flop_bwd: float,
              times: int = 1) -> None:  # fmt: skip
-        f = _median_seconds(fwd, repeats) * times
-        fb = _median_seconds(both, repeats) * times if both is not None else f
+        f = median_seconds(fwd, repeats) * times
+        fb = median_seconds(both, repeats) * times if both is not None else f
         parts[name] = {
             "forward_s": round(f, 4),
             "backward_s": round(fb - f, 4),

@@ -3,6 +3,11 @@ changes neither the model's outputs nor its LoRA training (loss and gradients)."
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import farense  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,6 +20,8 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from farense import fast_math
 from farense.compute import apply_compute_path
 from farense.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_exp_matches_mx_exp_over_the_float32_range():
@@ -124,3 +131,11 @@ def test_training_takes_it_only_when_the_config_asks(tiny_inputs):
         trained, _, info = load_for_training(tiny_inputs.model, tcfg)
         assert fast_math.uses_fast_math(trained) == (on and cpu)
         assert (info["fast_math_layers"] > 0) == (on and cpu)
+
+
+def test_the_benchmark_prints_measured_op_costs():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/fast_math.py"), "--only", "ops"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout  # fmt: skip
+    rows = {r.get("op"): r for r in map(json.loads, out.splitlines()) if r["measure"] == "op"}
+    assert set(rows) == {"add", "mx.exp", "fast_math.exp", "mlx_lm swiglu", "fast_math.swiglu"}
+    assert all(r.get("ns_per_element", 1) > 0 and r.get("forward_ms", 1) > 0 for r in rows.values())
