@@ -103,8 +103,7 @@ class AnswerDraft:
         self._idf: dict[str, float] = {}
         self._recent: list[tuple[set[str] | None, list[int]]] = []
         self._index: dict[tuple[int, ...], int] = {}
-        self._corpus_index: dict[tuple[int, ...], int] = {}
-        self._inside: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # n-gram -> (answer, where it ends)
+        self._inside: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # corpus n-gram -> (answer, where it ends)
 
     @property
     def has_memory(self) -> bool:
@@ -114,10 +113,10 @@ class AnswerDraft:
         """The training answers as token ids (each ending with end-of-turn), most frequent last, and the questions
         each answered (optional: without them candidates are ranked by frequency alone)."""
         self._answers = [list(a) for a in answers]
-        self._corpus_index = self._ngram_index(self._answers)
+        # One index of the corpus serves both the anchored drafts and prompt lookup (its last place: the latest).
         self._inside = {}
         for i, a in enumerate(self._answers):
-            for n in range(1, ANCHOR_TOKENS + 1):
+            for n in range(1, max(ANCHOR_TOKENS, self.max_ngram) + 1):
                 for end in range(n, len(a)):
                     self._inside.setdefault(tuple(a[end - n : end]), []).append((i, end))
         asked = [(features(q), i) for i, qs in enumerate(questions) for q in qs]
@@ -197,9 +196,11 @@ class AnswerDraft:
                 if seq[i : i + n] == tail:
                     return seq[i + n]
             key = tuple(tail)
-            hit = self._index.get(key, self._corpus_index.get(key))
-            if hit is not None:
-                return hit
+            if key in self._index:
+                return self._index[key]
+            if key in self._inside:
+                i, end = self._inside[key][-1]
+                return self._answers[i][end]
         return seq[-1]
 
     def _weight(self, fs: set[str]) -> float:

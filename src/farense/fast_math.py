@@ -7,10 +7,12 @@ reduction and a degree-6 polynomial for 2**f, built from adds, multiplies and bi
 within 1.2e-7 relative of mx.exp (float32 rounding is 6e-8).
 
 `use_fast_math(model)` gives the SwiGLU MLPs of mlx-lm's llama, qwen2 and qwen3 layers this swiglu, whose backward
-pass recomputes the sigmoid instead of keeping intermediates. farense.compute does so on the CPU. Measured there:
-a training step of the embedded model (batch 4 x 127) 3.64 -> 3.27 s, greedy answers 0.348 -> 0.317 s each, the
-same 75 answers. Also tried and not kept, since the whole step was no faster: attention's softmax and the loss's
-log-sum-exp built on this exp (mx.fast's attention kernel and the loss's own backward win on the whole).
+pass recomputes the sigmoid instead of keeping intermediates. farense.compute does so on the CPU for answering, and
+for training when `train.fast_math` asks (its rounding changes the adapter). Measured on a fresh clone
+(`benchmarks/fast_math.py`, 2026-11-28): a training step of the embedded model (batch 4 x 127) 3.85 -> 3.42 s,
+greedy answers 0.322 -> 0.291 s each, the same 75 answers. Also tried and not kept, since the whole step was no
+faster: attention's softmax and the loss's log-sum-exp built on this exp (mx.fast's attention kernel and the
+loss's own backward win on the whole).
 """
 
 from __future__ import annotations
