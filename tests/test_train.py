@@ -343,3 +343,30 @@ def test_the_one_graph_step_trains_as_the_two_graph_step(
     moved = max(mx.abs(v).max().item() for k, v in mx.load(str(tmp_path / "one" / "adapters.safetensors")).items()
                 if k.endswith("lora_b"))  # fmt: skip
     assert moved > 0  # it trained
+
+
+def test_ctrl_c_while_a_step_is_in_flight_saves_that_step_exactly(
+    tiny_inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C is delivered when the main thread wakes from waiting on the device, after the step's update is
+    already in the model but before the loop has counted it: the checkpoint must still say which step it holds."""
+    import farense.train as train_mod
+
+    one_graph = {"train.grad_accumulation": 1, "train.batch_size": 4}
+    straight, _ = run_train(tiny_inputs, tmp_path / "straight", **one_graph)
+    real_sum, calls = train_mod.distributed.sum_across, []
+
+    def interrupted_at_step_5(value, group):  # noqa: ANN001, ANN202 - called once a step, after the loss is read
+        calls.append(value)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_sum(value, group)
+
+    monkeypatch.setattr(train_mod.distributed, "sum_across", interrupted_at_step_5)
+    out = tmp_path / "out"
+    with pytest.raises(TrainingInterrupted, match="step 5/8"):
+        run_train(tiny_inputs, out, **one_graph)
+    monkeypatch.setattr(train_mod.distributed, "sum_across", real_sum)
+    summary, _ = run_train(tiny_inputs, out, **one_graph)
+    assert summary["resumed_from_step"] == 5
+    assert max_abs_diff(out / "adapters.safetensors", tmp_path / "straight" / "adapters.safetensors") <= 1e-6

@@ -22,6 +22,7 @@ import farense  # noqa: F401  (preloads OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 import psutil
 from mlx.utils import tree_flatten, tree_map
 
@@ -376,22 +377,47 @@ def train_loop(
     run_tokens = 0
     if state.step == 0 and valid_set:
         val_report(start)
+    def inputs_for(micro: int) -> tuple[tuple[mx.array, ...], int]:
+        """The step's model inputs and this rank's count of real tokens, built on the host."""
+        _, _, idx = order.batch_at(micro)
+        batch, lengths = collate(train_set, distributed.shard(idx, rank, size), tcfg.max_seq_length)
+        return loss_inputs(batch, lengths, masked), int(np.asarray(lengths)[:, 1].sum())
+
+    # The next micro-batch's inputs are built while the device computes the current one (the step's graph is
+    # queued with async_eval): the host's collate and target positions no longer leave the device idle.
+    upcoming = inputs_for(state.step * accum) if state.step < state.total_steps else None
+
+    def count_step(step_tokens: int) -> None:
+        nonlocal window_tokens, run_tokens
+        state.step += 1
+        state.epoch, state.batch_in_epoch, _ = order.batch_at(state.step * accum)
+        state.trained_tokens += step_tokens
+        window_tokens += step_tokens
+        run_tokens += step_tokens
+
+    # True from the moment the model holds a step's update (lazily: the graph is queued) until the loop counts
+    # that step. Ctrl-C lands when the main thread wakes from waiting on the device, inside this window: the
+    # step is then finished and counted before the checkpoint, so the checkpoint's step matches its weights.
+    uncounted = False
     try:
         while state.step < state.total_steps:
             grad = None
             step_tokens = 0
             for k in range(accum):
                 micro = state.step * accum + k
-                epoch, offset, idx = order.batch_at(micro)
+                epoch, offset, _ = order.batch_at(micro)
+                inputs, real_tokens = upcoming
                 # dropout noise is a function of the position (and the rank: each sees other examples)
                 mx.random.seed(rng_seed(tcfg.seed, micro * size + rank))
-                batch, lengths = collate(train_set, distributed.shard(idx, rank, size), tcfg.max_seq_length)
                 if whole_step is not None:
-                    loss, ntoks = whole_step(loss_inputs(batch, lengths, masked))
-                    mx.eval(loss, ntoks, model.state, optimizer.state)
+                    loss, ntoks = whole_step(inputs)
+                    uncounted = True
+                    mx.async_eval(loss, ntoks, model.state, optimizer.state)
                 else:
-                    loss, ntoks, grad = micro_step(loss_inputs(batch, lengths, masked), grad)
-                    mx.eval(loss, ntoks, grad)
+                    loss, ntoks, grad = micro_step(inputs, grad)
+                    mx.async_eval(loss, ntoks, grad)
+                last = micro + 1 == state.total_steps * accum
+                upcoming = None if last else inputs_for(micro + 1)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise TrainingError(
@@ -399,18 +425,15 @@ def train_loop(
                         f"kept the last good checkpoint. Lower train.learning_rate (now {tcfg.learning_rate}) "
                         "or check the data"
                     )
-                step_tokens += distributed.sum_across(int(lengths[:, 1].sum().item()), group)
+                step_tokens += distributed.sum_across(real_tokens, group)
                 window_loss += loss_value
                 window_n += 1
             if whole_step is None:
                 apply_update(grad)
+                uncounted = True
                 mx.eval(model.state, optimizer.state)
-            state.step += 1
-            next_epoch, next_offset, _ = order.batch_at(state.step * accum)
-            state.epoch, state.batch_in_epoch = next_epoch, next_offset
-            state.trained_tokens += step_tokens
-            window_tokens += step_tokens
-            run_tokens += step_tokens
+            count_step(step_tokens)
+            uncounted = False
 
             if state.step % tcfg.log_every == 0 or state.step == state.total_steps:
                 now = time.perf_counter()
@@ -434,7 +457,12 @@ def train_loop(
             if state.step % tcfg.save_every == 0 or state.step == state.total_steps:
                 checkpoint()
     except KeyboardInterrupt:
-        # The optimizer step in flight is dropped: the checkpoint holds the last completed step exactly.
+        # A step whose update is already in the model is finished and counted (its tokens: this process's, when
+        # the interrupt came before they were summed across processes); a step still accumulating gradients is
+        # dropped. Either way the checkpoint holds exactly the steps it says.
+        if uncounted:
+            mx.eval(model.state, optimizer.state)
+            count_step(step_tokens or real_tokens)
         checkpoint()
         raise TrainingInterrupted(
             f"interrupted at step {state.step}/{state.total_steps}; checkpoint saved, rerun to continue"
