@@ -70,12 +70,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4, help="global batch (each of --devices processes takes its share)")
     p.add_argument("--devices", default="1")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="config override on top of the benchmark's, e.g. train.masked_lm_head=false")
     args = p.parse_args(argv)
     if args.make:
         print(json.dumps(make(args.make, args.shape, args.rows)), flush=True)
         return 0
 
-    from farense.config import load_config
+    from farense.config import load_config, parse_override
     from farense.progress import NullReporter
     from farense.stages import StageContext
     from farense.train import read_metrics, train_stage
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
         "train.max_seq_length": 512, "train.compute_path": "recompute", "train.log_every": args.log_every,
         "train.eval_every": 10_000, "train.save_every": 10_000, "train.warmup_steps": 5,
         "train.max_eval_batches": 1, "train.devices": devices, "train.auto_fit_memory": False,
-    })  # fmt: skip
+    } | dict(parse_override(text) for text in args.set))  # fmt: skip
     out = args.work / "out"
     out.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(upstream={"data": args.model / "data", "model": args.model}, out_dir=out,
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
         "steady_tokens_per_s": round(sum(steady) / len(steady), 1), "windows_tokens_per_s": windows,
         "peak_gb": summary["peak_gb"], "stage_seconds": round(seconds, 1), "trained_tokens": summary["trained_tokens"],
         "tokens_per_step": summary["trained_tokens"] / max(summary["steps"], 1), "device": summary.get("device"),
-        "compute_path": summary.get("compute_path"),
+        "compute_path": summary.get("compute_path"), "overrides": args.set,
     }), flush=True)  # fmt: skip
     return 0
 
