@@ -81,3 +81,16 @@ def test_modes_and_sizes_follow_the_config(tmp_path: Path) -> None:
 def test_artifact_links_point_at_the_final_folder() -> None:
     assert ctx_key(Path("/a/benchmark/.tmp-0123456789abcdef-42-99")) == "0123456789abcdef"
     assert ctx_key(Path("/a/benchmark/0123456789abcdef")) == "0123456789abcdef"
+
+
+def test_native_mode_runs_short_on_cpu_and_warms_up_like_the_others_on_a_gpu() -> None:
+    from farense.benchmark import training_run_shape
+    from farense.config import BenchmarkConfig
+
+    b = BenchmarkConfig(train_steps=6, warmup_steps=2, batch_size=2, max_seq_length=256,
+                        native_train_steps=1, native_max_seq_length=64)  # fmt: skip
+    assert training_run_shape(b, "qlora-native", on_cpu=True) == (1, 0, 1, 64)
+    # On a GPU the first steps compile CUDA kernels: they are warm-up, never timed.
+    assert training_run_shape(b, "qlora-native", on_cpu=False) == (6, 2, 2, 256)
+    for mode in ("lora", "qlora-recompute"):
+        assert training_run_shape(b, mode, on_cpu=True) == training_run_shape(b, mode, on_cpu=False) == (6, 2, 2, 256)

@@ -147,7 +147,9 @@ class BenchmarkConfig(Section):
     )
     train_steps: int = Field(6, ge=1, description="Timed optimizer steps per mode")
     warmup_steps: int = Field(2, ge=0, description="Untimed steps before them (compilation, first allocations)")
-    native_train_steps: int = Field(1, ge=0, description="Timed steps for qlora-native; 0 skips that mode")
+    native_train_steps: int = Field(
+        1, ge=0, description="Timed steps for qlora-native on CPU (on a GPU it runs like the other modes); 0 skips it"
+    )
     native_max_seq_length: int = Field(
         64, ge=8, description="qlora-native runs one example of at most this many tokens per step (it is slow on CPU)"
     )
