@@ -1,4 +1,5 @@
-"""Data-parallel training on the CPU: 2 processes with MLX's ring backend over loopback (`mlx.launch`)."""
+"""Data-parallel training on the CPU: 2 processes with MLX's ring backend over loopback, started by the train stage
+itself (`farense.distributed.local_ring`); `mlx.launch` for hostfiles and NCCL."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import farense  # noqa: F401
 import mlx.core as mx
 import pytest
 
-from farense.distributed import launch_command, shard
+from farense.distributed import _stop, launch_command, local_ring, shard, uses_local_ring
 from farense.config import load_config
+from farense.train import read_metrics
 from test_train import ROOT, max_abs_diff, metric_rows, run_train, tiny_inputs, write_split  # noqa: F401
 
 TWO = {"train.devices": 2, "train.batch_size": 4, "train.grad_accumulation": 1}
@@ -148,3 +150,66 @@ def test_two_process_run_killed_and_resumed_equals_uninterrupted(
     assert summary["processes"] == 2 and summary["resumed_from_step"] in (6, 7)
     assert max_abs_diff(out / "adapters.safetensors", two_process_run / "adapters.safetensors") <= 1e-6
     assert metric_rows(out / "metrics.csv") == metric_rows(two_process_run / "metrics.csv")
+
+
+def test_local_ring_gives_each_rank_its_port_and_a_share_of_the_cores(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("FARENSE_DISTRIBUTED_BACKEND", raising=False)
+    envs = local_ring(2, tmp_path)
+    assert [e["MLX_RANK"] for e in envs] == ["0", "1"]
+    hosts = json.loads(Path(envs[0]["MLX_HOSTFILE"]).read_text())
+    assert envs[0]["MLX_HOSTFILE"] == envs[1]["MLX_HOSTFILE"] and len(hosts) == 2
+    assert hosts[0][0].startswith("127.0.0.1:") and hosts[0] != hosts[1]
+    assert envs[0]["OPENBLAS_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")  # the user's own setting wins
+    assert "OPENBLAS_NUM_THREADS" not in local_ring(2, tmp_path)[1]
+    tcfg = load_config(None, TWO).train
+    assert uses_local_ring(tcfg) == (not mx.cuda.is_available())
+    monkeypatch.setenv("FARENSE_DISTRIBUTED_BACKEND", "mpi")
+    assert not uses_local_ring(tcfg)
+
+
+NO_DROPOUT = {"train.lora_dropout": 0.0}  # dropout's noise differs by rank (each sees other examples)
+
+
+def test_two_processes_train_what_one_process_trains(tiny_inputs: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    one, two = tmp_path / "one" / "out", tmp_path / "two" / "out"
+    assert run_train(tiny_inputs, one, **(TWO | NO_DROPOUT | {"train.devices": 1}))[0]["processes"] == 1
+    assert run_train(tiny_inputs, two, **(TWO | NO_DROPOUT))[0]["processes"] == 2
+    # The ranks were started here, not by mlx.launch: their ring hostfile is in the work folder.
+    assert (tmp_path / "two" / "out.work" / "ring-hosts.json").is_file() or mx.cuda.is_available()
+    assert max_abs_diff(two / "adapters.safetensors", one / "adapters.safetensors") <= 1e-5
+    rows_one, rows_two = read_metrics(one / "metrics.csv"), read_metrics(two / "metrics.csv")
+    assert [(r["kind"], r["step"]) for r in rows_one] == [(r["kind"], r["step"]) for r in rows_two]
+    # validation is split between the ranks (each takes every other batch) and summed: the same loss
+    assert sum(r["kind"] == "valid" for r in rows_two) >= 2
+    for a, b in zip(rows_one, rows_two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+
+
+STUBBORN = """
+import signal, sys, time
+from pathlib import Path
+if sys.argv[2] == "ignore":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+try:
+    Path(sys.argv[1] + ".started").write_text("")
+    time.sleep(60)
+except KeyboardInterrupt:
+    Path(sys.argv[1]).write_text("checkpoint")
+"""
+
+
+def test_stopping_ranks_interrupts_them_then_kills_what_ignores_it(tmp_path: Path) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", STUBBORN, str(tmp_path / f"r{i}"), mode])
+             for i, mode in enumerate(("obey", "ignore"))]  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"r{i}.started").exists() for i in range(2)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    tic = time.monotonic()
+    _stop(procs, grace_s=2.0)
+    assert time.monotonic() - tic < 10
+    assert (tmp_path / "r0").read_text() == "checkpoint" and procs[0].returncode == 0
+    assert not (tmp_path / "r1").exists() and procs[1].returncode == -signal.SIGKILL

@@ -13,12 +13,16 @@ entry point: `python -m farense.distributed JOB.json` under `mlx.launch`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -162,6 +166,45 @@ def launch_command(n: int, job: Path, tcfg: TrainConfig) -> list[str]:
     return cmd + ["--", "-m", "farense.distributed", str(job)]
 
 
+def local_ring(n: int, work: Path) -> list[dict[str, str]]:
+    """Each rank's environment for `n` ring processes on this host: what `mlx.launch -n N --backend ring` sets
+    (MLX_RANK, MLX_HOSTFILE with one loopback port per rank), plus one OpenBLAS thread per core the rank gets."""
+    base = _free_ports(n)
+    hostfile = work / "ring-hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(n)]))
+    env = {"MLX_HOSTFILE": str(hostfile)}
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        env["OPENBLAS_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // n))
+    return [env | {"MLX_RANK": str(r)} for r in range(n)]
+
+
+def uses_local_ring(tcfg: TrainConfig) -> bool:
+    """Processes on this host over loopback, started here rather than by mlx.launch. mlx.launch (MLX 0.32) polls
+    each rank's stdin, which is always writable, in a loop without a wait: on the 2-core CPU its threads took
+    about one core away from the ranks (`top`), so 2 ranks trained at 106 tokens/s where one process gave 160."""
+    return tcfg.hostfile is None and backend() == "ring"
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float = 60.0, already_s: float = 0.0) -> None:
+    """Ctrl-C every rank still running (rank 0 then saves a checkpoint), then kill what is left after grace_s.
+    already_s: first give ranks that got the signal themselves (Ctrl-C in a terminal reaches the whole process
+    group) that long to stop, so that a second one does not land while rank 0 writes its checkpoint."""
+    end = time.monotonic() + already_s
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(end - time.monotonic(), 0.0))
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def launch_train(cfg: FarenseConfig, ctx: Any, n: int) -> dict[str, Any]:
     """Run the train stage as `n` data-parallel processes and return rank 0's summary.
 
@@ -181,28 +224,56 @@ def launch_train(cfg: FarenseConfig, ctx: Any, n: int) -> dict[str, Any]:
         "work_dir": str(work),
         "result": str(result),
     }))  # fmt: skip
-    cmd = launch_command(n, job, cfg.train)
     ctx.reporter.log(f"train: {n} processes, {backend()} backend")
     mx.clear_cache()  # this process's cached GPU buffers would crowd the workers
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
                                                                      os.environ.get("PYTHONPATH")]))}
+    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL, "text": True}
+    if uses_local_ring(cfg.train):
+        worker = [sys.executable, "-m", "farense.distributed", str(job)]
+        procs, logs = [], []
+        for r, rank_env in enumerate(local_ring(n, work)):
+            if r == 0:
+                procs.append(subprocess.Popen(worker, env=env | rank_env, cwd=os.getcwd(), **pipe))
+            else:  # the other ranks report nothing; their output (warnings, errors) goes to a file
+                logs.append(open(work / f"rank-{r}.log", "w"))  # noqa: SIM115  (closed below)
+                procs.append(subprocess.Popen(worker, env=env | rank_env, cwd=os.getcwd(), stdout=logs[-1],
+                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))  # fmt: skip
+    else:
+        procs, logs = [subprocess.Popen(launch_command(n, job, cfg.train), env=env, **pipe)], []
     tail: list[str] = []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            text=True, env=env)  # fmt: skip
+
+    def watch(other: subprocess.Popen) -> None:  # a rank that failed leaves rank 0 waiting on it
+        if other.wait() != 0:
+            _stop(procs[:1])
+
+    for p in procs[1:]:
+        threading.Thread(target=watch, args=(p,), daemon=True).start()
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+        assert procs[0].stdout is not None
+        for line in procs[0].stdout:
             line = line.rstrip("\n")
             if line.startswith(REPORT_PREFIX):
                 msg = json.loads(line[len(REPORT_PREFIX) :])
                 getattr(ctx.reporter, msg["method"])(*msg["args"])
             elif line.strip():
                 tail = (tail + [line])[-20:]
-        proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()  # mlx.launch stops every rank; rank 0 saves a checkpoint on the way out
-        proc.wait()
+        procs[0].wait()
+        if procs[0].returncode != 0:  # a rank that failed first leaves the others waiting on it
+            _stop(procs[1:], grace_s=5.0)
+        for p in procs[1:]:
+            p.wait()
+    except BaseException as e:
+        # Ctrl-C (mlx.launch forwards it to every rank), a cancelled flow run: rank 0 saves a checkpoint on the way out
+        if len(procs) == 1:
+            procs[0].terminate()
+            procs[0].wait()
+        else:
+            _stop(procs, already_s=10.0 if isinstance(e, KeyboardInterrupt) else 0.0)
         raise
+    finally:
+        for f in logs:
+            f.close()
     if not result.is_file():
         from farense.train import TrainingInterrupted
 

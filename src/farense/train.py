@@ -147,15 +147,19 @@ def chosen_loss(masked_head: bool):  # noqa: ANN201
 
 def evaluate(
     model: nn.Module, examples: Sequence[tuple[list[int], int]], batch_size: int, max_seq_length: int,
-    max_batches: int = -1, masked_head: bool | None = None,
+    max_batches: int = -1, masked_head: bool | None = None, group: mx.distributed.Group | None = None,
 ) -> float:  # fmt: skip
-    """Token-weighted mean loss over the validation examples, in a fixed order (masked_head None: automatic)."""
+    """Token-weighted mean loss over the validation examples, in a fixed order (masked_head None: automatic).
+    With a group of several processes each evaluates every size-th batch and the sums are added up."""
     if not examples:
         return float("nan")
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if max_batches > 0:
         chunks = chunks[:max_batches]
+    size = group.size() if group is not None else 1
+    if size > 1:
+        chunks = distributed.shard(chunks, group.rank(), size)
     masked = use_masked_head(model) if masked_head is None else masked_head
     total, tokens = mx.array(0.0), mx.array(0)
     was_training = model.training
@@ -166,6 +170,8 @@ def evaluate(
         mx.eval(total, tokens)
     if was_training:
         model.train()
+    if size > 1:
+        total, tokens = mx.distributed.all_sum(total, group=group), mx.distributed.all_sum(tokens, group=group)
     return (total / mx.maximum(tokens, 1)).item()
 
 
@@ -347,7 +353,8 @@ def train_loop(
     def val_report(seconds_start: float) -> None:
         nonlocal eval_seconds
         t0 = time.perf_counter()
-        vloss = evaluate(model, valid_set, state.batch_size, tcfg.max_seq_length, tcfg.max_eval_batches, masked)
+        vloss = evaluate(model, valid_set, state.batch_size, tcfg.max_seq_length, tcfg.max_eval_batches, masked,
+                         group)
         if state.best_val_loss is None or vloss < state.best_val_loss:
             state.best_val_loss, state.best_step = vloss, state.step
         rep = ValReport(state.step, state.total_steps, state.epoch, vloss, state.best_val_loss,
