@@ -213,3 +213,22 @@ def test_stopping_ranks_interrupts_them_then_kills_what_ignores_it(tmp_path: Pat
     assert time.monotonic() - tic < 10
     assert (tmp_path / "r0").read_text() == "checkpoint" and procs[0].returncode == 0
     assert not (tmp_path / "r1").exists() and procs[1].returncode == -signal.SIGKILL
+
+
+def test_auto_devices_is_two_processes_on_a_cpu_and_one_per_cuda_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from farense import distributed
+
+    auto = lambda **kw: distributed.requested_processes(load_config(None, {"train.devices": "auto"} | kw).train)  # noqa: E731
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert auto() == 2
+    assert auto(**{"train.batch_size": 1}) == 1  # every process needs an example of each batch
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert auto() == 1
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    assert auto() == 1
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_count", lambda device: 4)
+    assert auto() == 4
+    assert distributed.requested_processes(load_config(None, {"train.devices": 3}).train) == 3

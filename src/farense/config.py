@@ -101,7 +101,8 @@ class TrainConfig(Section):
         "rounding differs by about 1e-7, so the adapter differs (the default run: 82% vs 86% fact accuracy)"
     )
     devices: Literal["auto"] | int = Field(
-        1, description="Data-parallel processes, one per GPU (auto: every CUDA GPU of this host); see farense.distributed"
+        1, description="Data-parallel processes (auto: every CUDA GPU of this host; 1 on an Apple GPU; 2 on a CPU "
+        "of 2 or more cores, with the cores split between them); see farense.distributed"
     )
     hostfile: Path | None = Field(
         None, description="mlx.launch hostfile (JSON) to train across hosts; the artifacts folder must be shared"

@@ -97,14 +97,25 @@ def gpu_count() -> int:
         return 1
 
 
+# Processes `train.devices: auto` starts on a CPU without an accelerator. MLX's CPU backend runs elementwise work
+# (exp, sigmoid, adds) on one thread while the matmuls use every core; two processes of half the cores each keep
+# both cores of a 2-core machine busy: 200-210 tokens/s for the embedded model against 157-168 for one process.
+CPU_PROCESSES = 2
+
+
 def requested_processes(tcfg: TrainConfig) -> int:
-    """Processes the config asks for: `train.devices` (auto: every CUDA GPU of this host, else one), or the
-    number of entries in `train.hostfile`."""
+    """Processes the config asks for: `train.devices`, or the number of entries in `train.hostfile`. auto: every
+    CUDA GPU of this host; one on an Apple GPU; CPU_PROCESSES on a CPU of at least that many cores (never more
+    than the batch has examples)."""
     if tcfg.hostfile is not None:
         return len(read_hostfile(Path(tcfg.hostfile)))
-    if tcfg.devices == "auto":
+    if tcfg.devices != "auto":
+        return int(tcfg.devices)
+    if mx.cuda.is_available():
         return gpu_count()
-    return int(tcfg.devices)
+    if mx.metal.is_available():
+        return 1
+    return max(1, min(CPU_PROCESSES, len(os.sched_getaffinity(0)), tcfg.batch_size))
 
 
 def hostfile_backend(path: Path) -> str:
