@@ -1,6 +1,7 @@
 """Data-parallel training over several processes with MLX's own distributed layer (`mx.distributed`).
 
-One process per GPU (NCCL on CUDA hosts) or per host (ring over TCP, also on CPUs), started by `mlx.launch`.
+One process per GPU (NCCL on CUDA hosts, started by `mlx.launch`), per host (ring over TCP, `mlx.launch` with a
+hostfile), or several on one CPU (ring over loopback, started here by `local_ring`, the cores split between them).
 Every process builds the same model and walks the same `BatchOrder` (global batches, seeded as in a single
 process); each takes every N-th example of each batch. Gradients are weighted by each process's share of the
 batch's loss tokens and then averaged with `mlx.nn.average_gradients` (as mlx-lm's trainer does), so the update is
@@ -8,7 +9,7 @@ the gradient of the global batch's token-weighted mean loss: what one process co
 float rounding. Rank 0 alone writes checkpoints, metrics and outputs; every rank resumes from the same checkpoint.
 
 `launch_train` starts the worker processes from inside the train stage (`train.devices`), and `main` is the worker
-entry point: `python -m farense.distributed JOB.json` under `mlx.launch`.
+entry point: `python -m farense.distributed JOB.json`, one per rank.
 """
 
 from __future__ import annotations
