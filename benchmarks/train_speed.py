@@ -39,6 +39,7 @@ from farense.train import (  # noqa: E402
     drop_unlearnable,
     load_for_training,
     load_jsonl,
+    read_metrics,
     tokenize_rows,
     train_loop,
 )
@@ -149,12 +150,18 @@ def main() -> None:
     if args.only in (None, "stage"):
         # Same config as `loop`, plus what the stage adds: metrics file, progress callbacks, checkpoint at the end,
         # validation at the start and end. One warm-up step first, as for the loop.
-        stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": args.steps + 1})})
-        with train_stage_in_scratch(stage_cfg, data_dir, model_dir) as (summary, _, wall):
-            pass
-        emit(measure="stage", compute_path=summary["compute_path"], steps=summary["steps"], batch=args.batch,
-             seq=args.seq, tokens_per_s=summary["tokens_per_s"], stage_wall_s=round(wall, 2),
-             peak_gb=summary["peak_gb"])  # fmt: skip
+        # Train rows are logged in 4 windows; the first holds the compilation, the others are the steady figure.
+        log_every = max(1, (args.steps + 1) // 4)
+        stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": args.steps + 1,
+                                                                                 "log_every": log_every})})
+        with train_stage_in_scratch(stage_cfg, data_dir, model_dir) as (summary, ctx, wall):
+            rows = read_metrics(ctx.out_dir / "metrics.csv")
+        windows = [round(r["tokens_per_s"], 1) for r in rows if r["kind"] == "train"]
+        emit(measure="stage", compute_path=summary["compute_path"], processes=summary.get("processes", 1),
+             steps=summary["steps"], batch=args.batch, seq=args.seq, tokens_per_s=summary["tokens_per_s"],
+             windows_tokens_per_s=windows, steady_tokens_per_s=round(sum(windows[1:]) / max(len(windows) - 1, 1), 1),
+             first_valid_s=rows[0]["seconds"] if rows and rows[0]["kind"] == "valid" else None,
+             stage_wall_s=round(wall, 2), peak_gb=summary["peak_gb"])  # fmt: skip
 
 
 if __name__ == "__main__":

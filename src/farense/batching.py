@@ -69,14 +69,20 @@ PAD_MULTIPLE = 8
 def collate(
     examples: Sequence[tuple[list[int], int]], indices: Sequence[int], max_seq_length: int
 ) -> tuple[mx.array, mx.array]:
-    """Truncate to max_seq_length tokens and pad so that the model's inputs (all tokens but the last) are a multiple
-    of PAD_MULTIPLE wide. Examples cut at 512 tokens give 512-wide inputs, not 511 as mlx-lm's batches do: on an
-    H200 a 7B step at 4 x 511 ran 20% slower than at 4 x 512 (benchmarks/GPU_RESULTS.md, 2026-11-28)."""
+    """Token ids padded with 0, and each row's (prompt offset, length) for the loss mask, which is mlx-lm's:
+    targets t with offset <= t + 1 <= length count, so an example shorter than max_seq_length also learns the pad
+    (token 0) after its last token, and one of max_seq_length tokens or more (cut there; its length is then
+    max_seq_length - 1) does not: mlx-lm's batches have no room for that pad.
+
+    The model's inputs (every column but the last) are padded to a multiple of PAD_MULTIPLE: an example cut at 512
+    gives 512-wide inputs, where mlx-lm's batches give 511; on an H200 a 7B step at 4 x 511 ran 20% slower than at
+    4 x 512 (benchmarks/GPU_RESULTS.md, 2026-11-28). The targets counted are the same either way."""
     seqs = [examples[i][0] for i in indices]
     offsets = [examples[i][1] for i in indices]
-    lengths = [min(len(s), max_seq_length) for s in seqs]
-    width = 1 + PAD_MULTIPLE * -(-(max(lengths) - 1) // PAD_MULTIPLE)
+    kept = [min(len(s), max_seq_length) for s in seqs]
+    lengths = [n - 1 if len(s) >= max_seq_length else n for s, n in zip(seqs, kept)]
+    width = 1 + PAD_MULTIPLE * -(-max(lengths) // PAD_MULTIPLE)
     arr = np.zeros((len(seqs), width), np.int32)
     for j, s in enumerate(seqs):
-        arr[j, : lengths[j]] = s[: lengths[j]]
+        arr[j, : kept[j]] = s[: kept[j]]
     return mx.array(arr), mx.array(list(zip(offsets, lengths)))
