@@ -36,6 +36,7 @@ from mlx_lm.tuner.trainer import default_loss  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 
 from farense.compute import RecomputeLoRALinear, apply_compute_path  # noqa: E402
+from farense.fast_math import use_swiglu  # noqa: E402
 
 from shapes import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -43,7 +44,7 @@ LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_a
 PATHS = ("quantized", "dequantized", "recompute", "lora-bf16")
 # Variants measured while choosing the recompute design; kept so the numbers in GPU_RESULTS.md can be re-run.
 EXPERIMENTS = ("dequant-matmul", "checkpoint-dequant", "recompute-stocklora", "recompute-mxdequant",
-               "recompute-swiglu")
+               "recompute-swiglu", "recompute-stock-swiglu")
 DIM_FLAGS = {"hidden": "hidden_size", "layers": "num_hidden_layers", "intermediate": "intermediate_size",
              "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "vocab": "vocab_size"}
 
@@ -161,9 +162,12 @@ def apply_path(model: nn.Module, path: str, dtype: mx.Dtype) -> dict:
             if type(m) is nn.QuantizedLinear:
                 m.__class__ = cls
         return {**info, "path": path}
-    if path == "recompute-swiglu":
-        llama.swiglu = swiglu_keep_inputs
-        return {**apply_compute_path(model, "recompute", None), "path": path}
+    if path in ("recompute-swiglu", "recompute-stock-swiglu"):
+        # The recompute path's MLPs take farense.compute.recompute_swiglu; these put back mlx-lm's (autodiff keeps
+        # silu and its sigmoid), or one that recomputes them without waiting for the cotangent.
+        info = apply_compute_path(model, "recompute", None)
+        use_swiglu(model, swiglu_keep_inputs if path == "recompute-swiglu" else llama.swiglu, path.title())
+        return {**info, "path": path}
     if path in ("recompute-stocklora", "recompute-mxdequant"):
         compute.USE_CUDA_DEQUANT_KERNEL = path != "recompute-mxdequant"
         return {**apply_compute_path(model, "recompute", None), "path": path}

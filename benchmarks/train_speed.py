@@ -158,6 +158,7 @@ def main() -> None:
             rows = read_metrics(ctx.out_dir / "metrics.csv")
         windows = [round(r["tokens_per_s"], 1) for r in rows if r["kind"] == "train"]
         emit(measure="stage", compute_path=summary["compute_path"], processes=summary.get("processes", 1),
+             fast_math_layers=summary.get("fast_math_layers"),
              steps=summary["steps"], batch=args.batch, seq=args.seq, tokens_per_s=summary["tokens_per_s"],
              windows_tokens_per_s=windows, steady_tokens_per_s=round(sum(windows[1:]) / max(len(windows) - 1, 1), 1),
              first_valid_s=rows[0]["seconds"] if rows and rows[0]["kind"] == "valid" else None,

@@ -23,6 +23,7 @@ from farense.compute import (
     RecomputeQuantizedEmbedding,
     RecomputeQuantizedLinear,
     apply_compute_path,
+    recompute_swiglu,
     select_compute_path,
 )
 
@@ -119,6 +120,19 @@ def test_layer_types_per_path():
     assert isinstance(q_proj.linear, RecomputeQuantizedLinear) and isinstance(q_proj.linear, nn.QuantizedLinear)
     assert isinstance(rec.model.embed_tokens, RecomputeQuantizedEmbedding)
     assert rec.model.embed_tokens.weight.dtype == mx.uint32  # still 4-bit in memory
+    assert all(type(layer.mlp).swiglu is recompute_swiglu for layer in rec.layers)
+    assert not hasattr(type(dense.layers[0].mlp), "swiglu") or type(dense.layers[0].mlp).swiglu is not recompute_swiglu
+
+
+def test_recompute_swiglu_is_mlx_lms_swiglu_with_the_same_gradients():
+    gate, x, w = (mx.random.normal((2, 7, 48), key=mx.random.key(k)) * 3 for k in (1, 2, 3))
+    outs, grads = [], []
+    for fn in (llama.swiglu, recompute_swiglu):
+        outs.append(fn(gate, x))
+        grads.append(mx.grad(lambda g, v: (fn(g, v) * w).sum(), argnums=(0, 1))(gate, x))  # noqa: B023
+    assert mx.allclose(outs[0], outs[1], atol=1e-6).item()
+    for ref, new in zip(*grads, strict=True):
+        assert mx.allclose(ref, new, rtol=1e-5, atol=1e-5).item()
 
 
 def test_recompute_layer_works_with_stock_lora_and_fuse():
@@ -186,6 +200,7 @@ def test_metadata():
     assert infos["recompute"]["base_weight_bytes"] == infos["quantized"]["base_weight_bytes"]
     assert infos["dequantized"]["base_weight_bytes"] > 4 * infos["quantized"]["base_weight_bytes"]
     assert {info["path"] for info in infos.values()} == set(COMPUTE_PATHS)
+    assert [infos[p]["recompute_swiglu_layers"] for p in ("quantized", "dequantized", "recompute")] == [0, 0, 1]
 
 
 def test_benchmark_script_runs_tiny_shape():

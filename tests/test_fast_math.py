@@ -121,10 +121,10 @@ def test_the_cpu_compute_path_applies_it_and_records_it():
     assert not fast_math.uses_fast_math(quantized)
 
 
-def test_training_takes_it_only_when_the_config_asks(tiny_inputs):
+def test_training_takes_it_unless_the_config_says_no(tiny_inputs):
     from farense.train import load_for_training
 
-    assert TrainConfig().fast_math is False
+    assert TrainConfig().fast_math is True  # on by default: only the CPU's dequantized path has it
     cpu = mx.default_device() == mx.cpu
     for on in (False, True):
         tcfg = TrainConfig(fast_math=on, compute_path="dequantized")

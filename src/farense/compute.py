@@ -9,10 +9,12 @@ LoRA layers are added (`apply_compute_path`):
   the MLPs also take farense.fast_math's SwiGLU for answering (mlx's CPU exp is scalar); that one import is lazy.
 - "recompute": QuantizedLinear subclasses whose forward dequantizes the weight and calls a dense matmul, and whose
   custom vjp dequantizes again in the backward pass instead of keeping the dense weight alive (as bitsandbytes
-  does). Their `to_lora` gives a LoRALinear whose vjp keeps no fp32 copy of its input either. The CUDA path:
-  faster than bf16 LoRA, in less memory than the native quantized path (benchmarks/GPU_RESULTS.md).
+  does). Their `to_lora` gives a LoRALinear whose vjp keeps no fp32 copy of its input either, and the MLPs take
+  `recompute_swiglu`, which keeps no activation but its inputs. The CUDA path: faster than bf16 LoRA, in less
+  memory than the native quantized path (benchmarks/GPU_RESULTS.md).
 
-This module imports only mlx and mlx-lm, so benchmarks can ship it to hosts without the rest of farense.
+This module imports only mlx, mlx-lm and (lazily) farense.fast_math, which imports only mlx: benchmarks can ship it
+to hosts without the rest of farense's dependencies.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def apply_compute_path(
     only when train.fast_math asks, since it changes the adapter's rounding).
     """
     path = select_compute_path(path)
-    fast_math_layers = 0
+    fast_math_layers = recompute_swiglu_layers = 0
     if path == "quantized":
         converted = 0
         out_dtype = _quantized_dtype(model)
@@ -77,8 +79,11 @@ def apply_compute_path(
 
             fast_math_layers = use_fast_math(model)
     else:
+        from farense.fast_math import use_swiglu  # only its MLP swap: the exp there is for the CPU
+
         converted = _replace_quantized(model, lambda m: _recompute_layer(m, dtype))
         out_dtype = dtype or _quantized_dtype(model)
+        recompute_swiglu_layers = use_swiglu(model, recompute_swiglu, "Recompute")
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     return {
         "path": path,
@@ -86,6 +91,7 @@ def apply_compute_path(
         "dtype": _dtype_name(out_dtype),
         "base_weight_bytes": int(weight_bytes),
         "fast_math_layers": fast_math_layers,
+        "recompute_swiglu_layers": recompute_swiglu_layers,
         "mlx_max_ops_per_buffer": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
     }
 
@@ -148,6 +154,23 @@ class RecomputeLoRALinear(LoRALinear):
         if "bias" in base:
             y = y + base["bias"]
         return y
+
+
+@mx.custom_function
+def recompute_swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """mlx-lm's swiglu, silu(gate) * x. Autodiff would keep silu(gate) and its sigmoid for the backward pass; this
+    vjp recomputes them from `gate`, and only once the cotangent exists (mx.depends), since nothing else stops the
+    scheduler from recomputing every layer's at once as soon as the forward pass is done. Mistral-7B shape, 4 x 512,
+    on an H200: peak 20.06 -> 16.42 GB, 12,878 -> 13,362 tokens/s (benchmarks/GPU_RESULTS.md, 2026-11-28); without
+    the wait the peak stayed at 20.06 GB."""
+    return nn.silu(gate) * x
+
+
+@recompute_swiglu.vjp
+def _recompute_swiglu_vjp(primals, cotangent, output):
+    gate, x = (mx.depends(a, cotangent) for a in primals)
+    sig = mx.sigmoid(gate)
+    return cotangent * x * (sig * (1 + gate * (1 - sig))), cotangent * (gate * sig)
 
 
 def _dequantize(w, scales, biases, group_size, bits, mode, dtype=None):

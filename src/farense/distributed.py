@@ -217,6 +217,24 @@ def _stop(procs: list[subprocess.Popen], grace_s: float = 60.0, already_s: float
             p.wait()
 
 
+def start_ranks(
+    n: int, job: Path, work: Path, tcfg: TrainConfig, env: dict[str, str]
+) -> tuple[list[subprocess.Popen], list[Any]]:
+    """The worker processes, rank 0 (or mlx.launch) first with its output piped back as text, and the files that
+    the other local ranks write their output (warnings, errors) to: they report nothing."""
+    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL, "text": True}
+    if not uses_local_ring(tcfg):
+        return [subprocess.Popen(launch_command(n, job, tcfg), env=env, **pipe)], []
+    worker = [sys.executable, "-m", "farense.distributed", str(job)]
+    procs, logs = [], []
+    for r, rank_env in enumerate(local_ring(n, work)):
+        if r > 0:
+            logs.append(open(work / f"rank-{r}.log", "w"))  # noqa: SIM115  (launch_train closes it)
+        out = pipe if r == 0 else {"stdout": logs[-1], "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL}
+        procs.append(subprocess.Popen(worker, env=env | rank_env, cwd=os.getcwd(), **out))
+    return procs, logs
+
+
 def launch_train(cfg: FarenseConfig, ctx: Any, n: int) -> dict[str, Any]:
     """Run the train stage as `n` data-parallel processes and return rank 0's summary.
 
@@ -240,19 +258,7 @@ def launch_train(cfg: FarenseConfig, ctx: Any, n: int) -> dict[str, Any]:
     mx.clear_cache()  # this process's cached GPU buffers would crowd the workers
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
                                                                      os.environ.get("PYTHONPATH")]))}
-    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL, "text": True}
-    if uses_local_ring(cfg.train):
-        worker = [sys.executable, "-m", "farense.distributed", str(job)]
-        procs, logs = [], []
-        for r, rank_env in enumerate(local_ring(n, work)):
-            if r == 0:
-                procs.append(subprocess.Popen(worker, env=env | rank_env, cwd=os.getcwd(), **pipe))
-            else:  # the other ranks report nothing; their output (warnings, errors) goes to a file
-                logs.append(open(work / f"rank-{r}.log", "w"))  # noqa: SIM115  (closed below)
-                procs.append(subprocess.Popen(worker, env=env | rank_env, cwd=os.getcwd(), stdout=logs[-1],
-                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))  # fmt: skip
-    else:
-        procs, logs = [subprocess.Popen(launch_command(n, job, cfg.train), env=env, **pipe)], []
+    procs, logs = start_ranks(n, job, work, cfg.train, env)
     tail: list[str] = []
 
     def watch(other: subprocess.Popen) -> None:  # a rank that failed leaves rank 0 waiting on it

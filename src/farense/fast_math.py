@@ -18,6 +18,7 @@ loss's own backward win on the whole).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -74,32 +75,39 @@ def _swiglu_vjp(primals: Any, cotangent: mx.array, output: mx.array) -> tuple[mx
 
 # mlx-lm MLP classes whose __call__ is exactly `down_proj(swiglu(gate_proj(x), up_proj(x)))`.
 SWIGLU_MLP_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
-_fast_classes: dict[type, type] = {}
+_swapped_classes: dict[tuple[type, Callable], type] = {}
 
 
-def _fast_mlp_class(cls: type) -> type:
-    if cls not in _fast_classes:
+def _mlp_class(cls: type, fn: Callable, name: str) -> type:
+    if (cls, fn) not in _swapped_classes:
 
         def __call__(self: nn.Module, x: mx.array) -> mx.array:
-            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+            return self.down_proj(fn(self.gate_proj(x), self.up_proj(x)))
 
-        _fast_classes[cls] = type(f"FastMath{cls.__name__}", (cls,), {"__call__": __call__})
-    return _fast_classes[cls]
+        _swapped_classes[cls, fn] = type(name + cls.__name__, (cls,), {"__call__": __call__, "swiglu": staticmethod(fn)})
+    return _swapped_classes[cls, fn]
 
 
-def use_fast_math(model: nn.Module) -> int:
-    """Give every SwiGLU MLP of mlx-lm's llama, qwen2 and qwen3 layers this module's swiglu (its weights, LoRA
-    layers and names stay as they are); return how many."""
+def use_swiglu(model: nn.Module, fn: Callable, name: str) -> int:
+    """Give every SwiGLU MLP of mlx-lm's llama, qwen2 and qwen3 layers `fn` as its swiglu (its weights, LoRA layers
+    and names stay as they are; its class becomes `name` + the class name); return how many MLPs changed."""
     # A model's classes come from modules already imported: look only there, and import nothing new.
     classes = {getattr(sys.modules[name], "MLP", None) for name in SWIGLU_MLP_MODULES if name in sys.modules}
+    classes.discard(None)
     swapped = 0
     for _, m in model.named_modules():
-        if type(m) in classes:
-            m.__class__ = _fast_mlp_class(type(m))
+        base = next((c for c in type(m).__mro__ if c in classes), None)
+        if base is not None and getattr(type(m), "swiglu", None) is not fn:
+            m.__class__ = _mlp_class(base, fn, name)
             swapped += 1
     return swapped
 
 
+def use_fast_math(model: nn.Module) -> int:
+    """This module's swiglu in every SwiGLU MLP (use_swiglu); return how many."""
+    return use_swiglu(model, swiglu, "FastMath")
+
+
 def uses_fast_math(model: nn.Module) -> bool:
     layers = getattr(getattr(model, "model", model), "layers", None) or [None]
-    return type(getattr(layers[0], "mlp", None)) in _fast_classes.values()
+    return getattr(type(getattr(layers[0], "mlp", None)), "swiglu", None) is swiglu

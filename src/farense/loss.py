@@ -58,3 +58,28 @@ def masked_head_loss(
     ce = nn.losses.cross_entropy(project(model, hidden), targets.reshape(-1)[positions]) * weights
     ntoks = weights.sum()
     return ce.astype(mx.float32).sum() / ntoks, ntoks
+
+
+# ---------------------------------------------------------------- the loss a training run uses
+
+
+def loss_fn(model: nn.Module, batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+    from mlx_lm.tuner.trainer import default_loss
+
+    return default_loss(model, batch, lengths)
+
+
+def use_masked_head(model: nn.Module, requested: bool = True) -> bool:
+    """The masked-head loss where the model allows it, else mlx-lm's default_loss."""
+    return requested and supports_masked_head(model)
+
+
+def loss_inputs(batch: mx.array, lengths: mx.array, masked_head: bool) -> tuple[mx.array, ...]:
+    """The arrays the chosen loss takes after the model: (batch, positions, weights) or (batch, lengths)."""
+    if masked_head:
+        return (batch, *target_positions(lengths, batch.shape[1] - 1))
+    return batch, lengths
+
+
+def chosen_loss(masked_head: bool):  # noqa: ANN201
+    return masked_head_loss if masked_head else loss_fn

@@ -24,9 +24,11 @@ SRC = Path(__file__).resolve().parent
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "data": ("data.py", "data_schema.py"),
     "model": ("model.py", "gguf.py"),
-    "train": ("train.py", "batching.py", "loss.py", "checkpoint.py", "compute.py", "memory.py", "distributed.py"),
-    "validate": ("evaluate.py", "train.py", "batching.py", "loss.py", "compute.py"),
-    "benchmark": ("benchmark.py", "plots.py", "evaluate.py", "train.py", "batching.py", "loss.py", "compute.py"),
+    "train": ("train.py", "batching.py", "loss.py", "checkpoint.py", "compute.py", "fast_math.py", "memory.py",
+              "distributed.py"),
+    "validate": ("evaluate.py", "train.py", "batching.py", "loss.py", "compute.py", "fast_math.py"),
+    "benchmark": ("benchmark.py", "plots.py", "evaluate.py", "train.py", "batching.py", "loss.py", "compute.py",
+                  "fast_math.py"),
     "export": ("export.py", "evaluate.py"),
 }
 

@@ -40,7 +40,7 @@ from farense import distributed
 from farense.config import LORA_TARGET_MODULES, FarenseConfig, TrainConfig
 from farense.batching import BatchOrder, collate, drop_unlearnable, load_jsonl, tokenize_rows  # noqa: F401
 from farense.errors import TrainingError
-from farense.loss import masked_head_loss, supports_masked_head, target_positions
+from farense.loss import chosen_loss, loss_fn, loss_inputs, use_masked_head  # noqa: F401
 from farense.store import hash_json
 
 METRIC_FIELDS = (
@@ -121,28 +121,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- data
-
-
-def loss_fn(model: nn.Module, batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
-    from mlx_lm.tuner.trainer import default_loss
-
-    return default_loss(model, batch, lengths)
-
-
-def use_masked_head(model: nn.Module, requested: bool = True) -> bool:
-    """The masked-head loss where the model allows it (farense.loss), else mlx-lm's default_loss."""
-    return requested and supports_masked_head(model)
-
-
-def loss_inputs(batch: mx.array, lengths: mx.array, masked_head: bool) -> tuple[mx.array, ...]:
-    """The arrays the chosen loss takes after the model: (batch, positions, weights) or (batch, lengths)."""
-    if masked_head:
-        return (batch, *target_positions(lengths, batch.shape[1] - 1))
-    return batch, lengths
-
-
-def chosen_loss(masked_head: bool):  # noqa: ANN201
-    return masked_head_loss if masked_head else loss_fn
 
 
 def evaluate(
@@ -384,6 +362,7 @@ def train_loop(
     run_tokens = 0
     if state.step == 0 and valid_set:
         val_report(start)
+
     def inputs_for(micro: int) -> tuple[tuple[mx.array, ...], int]:
         """The step's model inputs and this rank's count of real tokens, built on the host."""
         _, _, idx = order.batch_at(micro)
