@@ -44,7 +44,7 @@ LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_a
 PATHS = ("quantized", "dequantized", "recompute", "lora-bf16")
 # Variants measured while choosing the recompute design; kept so the numbers in GPU_RESULTS.md can be re-run.
 EXPERIMENTS = ("dequant-matmul", "checkpoint-dequant", "recompute-stocklora", "recompute-mxdequant",
-               "recompute-swiglu", "recompute-stock-swiglu")
+               "recompute-swiglu", "recompute-stock-swiglu", "recompute-sdpa-after")
 DIM_FLAGS = {"hidden": "hidden_size", "layers": "num_hidden_layers", "intermediate": "intermediate_size",
              "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "vocab": "vocab_size"}
 
@@ -83,6 +83,29 @@ def _swiglu_keep_inputs_vjp(primals, cotangent, output):
     sig = mx.sigmoid(gate)
     dgate = cotangent * x * (sig * (1 + gate * (1 - sig)))
     return dgate, cotangent * (gate * sig)
+
+
+@mx.custom_function
+def _sdpa_after_cotangent(q, k, v, scale, mask):
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+@_sdpa_after_cotangent.vjp
+def _sdpa_after_cotangent_vjp(primals, cotangent, output):
+    """The attention's backward pass (which recomputes what it needs from q, k and v) once the cotangent exists."""
+    q, k, v, scale, mask = primals
+    q, k, v = (mx.depends(a, cotangent) for a in (q, k, v))
+    attend = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)  # noqa: E731
+    return tuple(mx.vjp(attend, [q, k, v], [cotangent])[1])
+
+
+def sdpa_after_cotangent(queries, keys, values, cache, scale, mask, sinks=None):
+    if cache is not None or sinks is not None:
+        return stock_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+    return _sdpa_after_cotangent(queries, keys, values, scale, mask)
+
+
+stock_sdpa = llama.scaled_dot_product_attention
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -162,6 +185,9 @@ def apply_path(model: nn.Module, path: str, dtype: mx.Dtype) -> dict:
             if type(m) is nn.QuantizedLinear:
                 m.__class__ = cls
         return {**info, "path": path}
+    if path == "recompute-sdpa-after":
+        llama.scaled_dot_product_attention = sdpa_after_cotangent
+        return {**apply_compute_path(model, "recompute", None), "path": path}
     if path in ("recompute-swiglu", "recompute-stock-swiglu"):
         # The recompute path's MLPs take farense.compute.recompute_swiglu; these put back mlx-lm's (autodiff keeps
         # silu and its sigmoid), or one that recomputes them without waiting for the cotangent.

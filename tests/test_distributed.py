@@ -209,9 +209,12 @@ def test_stopping_ranks_interrupts_them_then_kills_what_ignores_it(tmp_path: Pat
         assert time.monotonic() < deadline
         time.sleep(0.05)
     tic = time.monotonic()
-    _stop(procs, grace_s=2.0)
-    assert time.monotonic() - tic < 10
-    assert (tmp_path / "r0").read_text() == "checkpoint" and procs[0].returncode == 0
+    # A loaded CI machine once needed more than 2 s for the obeying one to write its file (it was killed): the
+    # grace is what a rank gets to save a checkpoint, so give it room; the one that ignores SIGINT waits it out.
+    _stop(procs, grace_s=8.0)
+    assert time.monotonic() - tic < 20
+    assert procs[0].returncode == 0, "the rank that obeys SIGINT was killed before it finished"
+    assert (tmp_path / "r0").read_text() == "checkpoint"
     assert not (tmp_path / "r1").exists() and procs[1].returncode == -signal.SIGKILL
 
 
