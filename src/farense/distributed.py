@@ -217,12 +217,20 @@ def _stop(procs: list[subprocess.Popen], grace_s: float = 60.0, already_s: float
             p.wait()
 
 
+def default_sigint() -> None:
+    """Popen's preexec_fn for a rank: Ctrl-C (SIGINT) back to its default. A process started in the background
+    (`cmd &` in a script, nohup) ignores SIGINT, its children inherit that, and Python then installs no
+    KeyboardInterrupt handler: `_stop` could not make rank 0 save its checkpoint, only kill it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_ranks(
     n: int, job: Path, work: Path, tcfg: TrainConfig, env: dict[str, str]
 ) -> tuple[list[subprocess.Popen], list[Any]]:
     """The worker processes, rank 0 (or mlx.launch) first with its output piped back as text, and the files that
     the other local ranks write their output (warnings, errors) to: they report nothing."""
-    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL, "text": True}
+    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL, "text": True,
+            "preexec_fn": default_sigint}  # fmt: skip
     if not uses_local_ring(tcfg):
         return [subprocess.Popen(launch_command(n, job, tcfg), env=env, **pipe)], []
     worker = [sys.executable, "-m", "farense.distributed", str(job)]
@@ -230,7 +238,8 @@ def start_ranks(
     for r, rank_env in enumerate(local_ring(n, work)):
         if r > 0:
             logs.append(open(work / f"rank-{r}.log", "w"))  # noqa: SIM115  (launch_train closes it)
-        out = pipe if r == 0 else {"stdout": logs[-1], "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL}
+        out = pipe if r == 0 else {"stdout": logs[-1], "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL,
+                                   "preexec_fn": default_sigint}  # fmt: skip
         procs.append(subprocess.Popen(worker, env=env | rank_env, cwd=os.getcwd(), **out))
     return procs, logs
 
