@@ -44,7 +44,8 @@ LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_a
 PATHS = ("quantized", "dequantized", "recompute", "lora-bf16")
 # Variants measured while choosing the recompute design; kept so the numbers in GPU_RESULTS.md can be re-run.
 EXPERIMENTS = ("dequant-matmul", "checkpoint-dequant", "recompute-stocklora", "recompute-mxdequant",
-               "recompute-swiglu", "recompute-stock-swiglu", "recompute-sdpa-after")
+               "recompute-swiglu", "recompute-stock-swiglu", "recompute-sdpa-after", "recompute-unfused-mlp",
+               "recompute-undeferred-norms")
 DIM_FLAGS = {"hidden": "hidden_size", "layers": "num_hidden_layers", "intermediate": "intermediate_size",
              "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "vocab": "vocab_size"}
 
@@ -193,6 +194,19 @@ def apply_path(model: nn.Module, path: str, dtype: mx.Dtype) -> dict:
         # silu and its sigmoid), or one that recomputes them without waiting for the cotangent.
         info = apply_compute_path(model, "recompute", None)
         use_swiglu(model, swiglu_keep_inputs if path == "recompute-swiglu" else llama.swiglu, path.title())
+        return {**info, "path": path}
+    if path in ("recompute-unfused-mlp", "recompute-undeferred-norms"):
+        # Undo the recompute path's newest memory savings: the norms go back in front of the projections (both),
+        # and recompute_swiglu's output goes to down_proj on its own, which keeps it for its LoRA gradient
+        # (unfused-mlp: 25ba392's recompute path).
+        info = apply_compute_path(model, "recompute", None)
+        for _, m in model.named_modules():
+            if isinstance(m, compute.DeferredRMSNorm):
+                m.__class__ = nn.RMSNorm
+            elif isinstance(m, compute.RecomputeQuantizedLinear):
+                m.input_norm = None
+        if path == "recompute-unfused-mlp":
+            use_swiglu(model, compute.recompute_swiglu, "RecomputeUnfused")
         return {**info, "path": path}
     if path in ("recompute-stocklora", "recompute-mxdequant"):
         compute.USE_CUDA_DEQUANT_KERNEL = path != "recompute-mxdequant"

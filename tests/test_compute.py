@@ -19,10 +19,13 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from farense.compute import (
     COMPUTE_PATHS,
+    DeferredRMSNorm,
     RecomputeLoRALinear,
     RecomputeQuantizedEmbedding,
     RecomputeQuantizedLinear,
     apply_compute_path,
+    lora_swiglu_down,
+    recompute_mlp,
     recompute_swiglu,
     select_compute_path,
 )
@@ -133,6 +136,86 @@ def test_recompute_swiglu_is_mlx_lms_swiglu_with_the_same_gradients():
     assert mx.allclose(outs[0], outs[1], atol=1e-6).item()
     for ref, new in zip(*grads, strict=True):
         assert mx.allclose(ref, new, rtol=1e-5, atol=1e-5).item()
+
+
+def test_lora_swiglu_down_is_swiglu_then_lora_linear_with_the_same_gradients():
+    """The fused MLP tail against mlx-lm's swiglu followed by stock LoRALinear on the dequantized weight."""
+    base = nn.QuantizedLinear(64, 32, bias=False, group_size=32, bits=4)
+    mx.random.seed(3)
+    dense = nn.Linear(64, 32, bias=False)
+    dense.weight = mx.dequantize(base.weight, base.scales, base.biases, group_size=32, bits=4)
+    stock = LoRALinear.from_base(dense, r=4, scale=2.0)
+    stock.lora_b = 0.1 * mx.random.normal(stock.lora_b.shape)
+    gate, up, w = (mx.random.normal((2, 7, 64), key=mx.random.key(k)) * 2 for k in (1, 2, 3))
+    w = w[..., :32]
+    a, b = stock.lora_a, stock.lora_b
+
+    def reference(gate, up, a, b):
+        stock.lora_a, stock.lora_b = a, b
+        return (stock(llama.swiglu(gate, up)) * w).sum()
+
+    def fused(gate, up, a, b):
+        return (lora_swiglu_down(gate, up, a, b, base.weight, base.scales, base.biases, 2.0, 32, 4, "affine") * w).sum()
+
+    ref_value, ref_grads = mx.value_and_grad(reference, argnums=(0, 1, 2, 3))(gate, up, a, b)
+    value, grads = mx.value_and_grad(fused, argnums=(0, 1, 2, 3))(gate, up, a, b)
+    assert abs(value.item() - ref_value.item()) < 1e-3 * abs(ref_value.item())
+    for name, ref, new in zip(("gate", "up", "lora_a", "lora_b"), ref_grads, grads, strict=True):
+        assert mx.allclose(ref, new, rtol=1e-4, atol=1e-4).item(), name
+
+
+def test_recompute_mlp_fuses_only_a_lora_down_proj(monkeypatch: pytest.MonkeyPatch, tokens: mx.array):
+    import farense.compute as compute
+
+    calls = []
+    real = compute.lora_swiglu_down
+    monkeypatch.setattr(compute, "lora_swiglu_down", lambda *a: calls.append(1) or real(*a))
+    model = tiny_lora_model("recompute")
+    assert type(model.layers[0].mlp).__call__ is recompute_mlp
+    run_step(model, tokens)
+    assert calls  # both layers' down_proj went through the fused function
+    calls.clear()
+    model.eval()
+    for layer in model.layers:
+        layer.mlp.down_proj = layer.mlp.down_proj.linear  # no LoRA on down_proj: plain swiglu then the layer
+    run_step(model, tokens)
+    assert not calls
+
+
+def test_recompute_projections_normalize_their_own_input(tokens: mx.array):
+    model = tiny_lora_model("recompute")
+    for layer in model.layers:
+        assert type(layer.input_layernorm) is DeferredRMSNorm and type(layer.post_attention_layernorm) is DeferredRMSNorm
+        assert layer.self_attn.q_proj.linear.input_norm.module is layer.input_layernorm
+        assert layer.mlp.up_proj.linear.input_norm.module is layer.post_attention_layernorm
+        assert layer.self_attn.o_proj.linear.input_norm is None and layer.mlp.down_proj.linear.input_norm is None
+    # The norm weights stay where mlx-lm has them, once: no parameter moved or doubled.
+    names = [n for n, _ in tree_flatten(model.parameters()) if "norm" in n]
+    assert names == [n for n, _ in tree_flatten(tiny_lora_model("quantized").parameters()) if "norm" in n]
+    # LoRALinear's own forward (the dropout fallback) normalizes once, for the base and the adapter alike.
+    x = mx.random.normal((2, 5, 64), key=mx.random.key(7)) * 3
+    for layer in model.layers:
+        for proj in (layer.self_attn.k_proj, layer.mlp.gate_proj):
+            assert mx.allclose(proj._stock_call(x), proj(x), atol=1e-4).item()
+            assert proj.linear.input_norm is not None  # put back after the stock call
+    # A changed norm weight is read at call time.
+    before = model(tokens)
+    model.layers[0].input_layernorm.weight = model.layers[0].input_layernorm.weight * 2
+    assert not mx.allclose(model(tokens), before, atol=1e-3).item()
+
+
+def test_norms_are_not_deferred_to_projections_off_the_recompute_path():
+    model = tiny_lora_model("recompute")
+    assert apply_compute_path(model, "recompute")["deferred_norms"] == 0  # already done: nothing more
+    fresh = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2,
+                                        intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                        rms_norm_eps=1e-5, vocab_size=VOCAB))  # fmt: skip
+    nn.quantize(fresh, group_size=32, bits=4)
+    fresh.layers[1].self_attn.k_proj = nn.Linear(64, 32, bias=False)  # a dense projection reads that norm too
+    assert apply_compute_path(fresh, "recompute")["deferred_norms"] == 3
+    assert type(fresh.layers[1].input_layernorm) is nn.RMSNorm
+    dense = tiny_lora_model("dequantized")
+    assert not any(isinstance(m, DeferredRMSNorm) for _, m in dense.named_modules())
 
 
 def test_recompute_layer_works_with_stock_lora_and_fuse():

@@ -75,30 +75,32 @@ def _swiglu_vjp(primals: Any, cotangent: mx.array, output: mx.array) -> tuple[mx
 
 # mlx-lm MLP classes whose __call__ is exactly `down_proj(swiglu(gate_proj(x), up_proj(x)))`.
 SWIGLU_MLP_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
-_swapped_classes: dict[tuple[type, Callable], type] = {}
+_swapped_classes: dict[tuple[type, Callable, Callable | None], type] = {}
 
 
-def _mlp_class(cls: type, fn: Callable, name: str) -> type:
-    if (cls, fn) not in _swapped_classes:
+def _mlp_class(cls: type, fn: Callable, name: str, call: Callable | None) -> type:
+    if (cls, fn, call) not in _swapped_classes:
 
         def __call__(self: nn.Module, x: mx.array) -> mx.array:
             return self.down_proj(fn(self.gate_proj(x), self.up_proj(x)))
 
-        _swapped_classes[cls, fn] = type(name + cls.__name__, (cls,), {"__call__": __call__, "swiglu": staticmethod(fn)})
-    return _swapped_classes[cls, fn]
+        body = {"__call__": call or __call__, "swiglu": staticmethod(fn)}
+        _swapped_classes[cls, fn, call] = type(name + cls.__name__, (cls,), body)
+    return _swapped_classes[cls, fn, call]
 
 
-def use_swiglu(model: nn.Module, fn: Callable, name: str) -> int:
+def use_swiglu(model: nn.Module, fn: Callable, name: str, call: Callable | None = None) -> int:
     """Give every SwiGLU MLP of mlx-lm's llama, qwen2 and qwen3 layers `fn` as its swiglu (its weights, LoRA layers
-    and names stay as they are; its class becomes `name` + the class name); return how many MLPs changed."""
+    and names stay as they are; its class becomes `name` + the class name); return how many MLPs changed. `call`,
+    when given, is the MLP's __call__(self, x) instead of down_proj(fn(gate_proj(x), up_proj(x)))."""
     # A model's classes come from modules already imported: look only there, and import nothing new.
     classes = {getattr(sys.modules[name], "MLP", None) for name in SWIGLU_MLP_MODULES if name in sys.modules}
     classes.discard(None)
     swapped = 0
     for _, m in model.named_modules():
         base = next((c for c in type(m).__mro__ if c in classes), None)
-        if base is not None and getattr(type(m), "swiglu", None) is not fn:
-            m.__class__ = _mlp_class(base, fn, name)
+        if base is not None and type(m) is not (cls := _mlp_class(base, fn, name, call)):
+            m.__class__ = cls
             swapped += 1
     return swapped
 
