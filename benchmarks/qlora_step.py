@@ -41,11 +41,10 @@ from farense.fast_math import use_swiglu  # noqa: E402
 from shapes import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-PATHS = ("quantized", "dequantized", "recompute", "lora-bf16")
+PATHS = ("quantized", "dequantized", "recompute", "recompute-low-memory", "lora-bf16")
 # Variants measured while choosing the recompute design; kept so the numbers in GPU_RESULTS.md can be re-run.
 EXPERIMENTS = ("dequant-matmul", "checkpoint-dequant", "recompute-stocklora", "recompute-mxdequant",
-               "recompute-swiglu", "recompute-stock-swiglu", "recompute-sdpa-after", "recompute-unfused-mlp",
-               "recompute-undeferred-norms")
+               "recompute-swiglu", "recompute-stock-swiglu", "recompute-sdpa-after", "recompute-undeferred-norms")
 DIM_FLAGS = {"hidden": "hidden_size", "layers": "num_hidden_layers", "intermediate": "intermediate_size",
              "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "vocab": "vocab_size"}
 
@@ -195,18 +194,15 @@ def apply_path(model: nn.Module, path: str, dtype: mx.Dtype) -> dict:
         info = apply_compute_path(model, "recompute", None)
         use_swiglu(model, swiglu_keep_inputs if path == "recompute-swiglu" else llama.swiglu, path.title())
         return {**info, "path": path}
-    if path in ("recompute-unfused-mlp", "recompute-undeferred-norms"):
-        # Undo the recompute path's newest memory savings: the norms go back in front of the projections (both),
-        # and recompute_swiglu's output goes to down_proj on its own, which keeps it for its LoRA gradient
-        # (unfused-mlp: 25ba392's recompute path).
-        info = apply_compute_path(model, "recompute", None)
-        for _, m in model.named_modules():
-            if isinstance(m, compute.DeferredRMSNorm):
-                m.__class__ = nn.RMSNorm
-            elif isinstance(m, compute.RecomputeQuantizedLinear):
-                m.input_norm = None
-        if path == "recompute-unfused-mlp":
-            use_swiglu(model, compute.recompute_swiglu, "RecomputeUnfused")
+    if path in ("recompute-low-memory", "recompute-undeferred-norms"):
+        # train.low_memory; undeferred-norms keeps its MLP half only (the norms go back in front of the projections).
+        info = apply_compute_path(model, "recompute", None, low_memory=True)
+        if path == "recompute-undeferred-norms":
+            for _, m in model.named_modules():
+                if isinstance(m, compute.DeferredRMSNorm):
+                    m.__class__ = nn.RMSNorm
+                elif isinstance(m, compute.RecomputeQuantizedLinear):
+                    m.input_norm = None
         return {**info, "path": path}
     if path in ("recompute-stocklora", "recompute-mxdequant"):
         compute.USE_CUDA_DEQUANT_KERNEL = path != "recompute-mxdequant"

@@ -36,7 +36,9 @@ LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_a
 VOCAB = 100
 
 
-def tiny_lora_model(path: str, *, tie: bool = True, group_size: int = 32, dropout: float = 0.0) -> nn.Module:
+def tiny_lora_model(
+    path: str, *, tie: bool = True, group_size: int = 32, dropout: float = 0.0, low_memory: bool = False
+) -> nn.Module:
     """A 2-layer llama, 4-bit, converted for `path`, with LoRA on every projection and non-zero lora_b."""
     mx.random.seed(0)
     args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
@@ -45,7 +47,7 @@ def tiny_lora_model(path: str, *, tie: bool = True, group_size: int = 32, dropou
     model = llama.Model(args)
     nn.quantize(model, group_size=group_size, bits=4)
     mx.eval(model.parameters())
-    apply_compute_path(model, path)
+    apply_compute_path(model, path, low_memory=low_memory)
     model.freeze()
     linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": dropout, "keys": LORA_KEYS})
     # Same adapter values on every path, and lora_b != 0 so lora_a gets a gradient too.
@@ -90,10 +92,12 @@ def test_explicit_paths_pass_through_and_unknown_ones_fail():
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("group_size", [32, 64])
-@pytest.mark.parametrize("path", ["dequantized", "recompute"])
+@pytest.mark.parametrize("path", ["dequantized", "recompute", "recompute-low-memory"])
 def test_path_matches_native_quantized(path: str, group_size: int, tie: bool, tokens: mx.array):
     ref_loss, ref_grads, ref_logits = run_step(tiny_lora_model("quantized", tie=tie, group_size=group_size), tokens)
-    loss, grads, logits = run_step(tiny_lora_model(path, tie=tie, group_size=group_size), tokens)
+    model = tiny_lora_model(path.removesuffix("-low-memory"), tie=tie, group_size=group_size,
+                            low_memory=path.endswith("-low-memory"))  # fmt: skip
+    loss, grads, logits = run_step(model, tokens)
     assert abs(loss - ref_loss) < 1e-4
     assert mx.allclose(logits, ref_logits, atol=1e-4).item()
     assert sorted(grads) == sorted(ref_grads)
@@ -170,7 +174,7 @@ def test_recompute_mlp_fuses_only_a_lora_down_proj(monkeypatch: pytest.MonkeyPat
     calls = []
     real = compute.lora_swiglu_down
     monkeypatch.setattr(compute, "lora_swiglu_down", lambda *a: calls.append(1) or real(*a))
-    model = tiny_lora_model("recompute")
+    model = tiny_lora_model("recompute", low_memory=True)
     assert type(model.layers[0].mlp).__call__ is recompute_mlp
     run_step(model, tokens)
     assert calls  # both layers' down_proj went through the fused function
@@ -183,7 +187,7 @@ def test_recompute_mlp_fuses_only_a_lora_down_proj(monkeypatch: pytest.MonkeyPat
 
 
 def test_recompute_projections_normalize_their_own_input(tokens: mx.array):
-    model = tiny_lora_model("recompute")
+    model = tiny_lora_model("recompute", low_memory=True)
     for layer in model.layers:
         assert type(layer.input_layernorm) is DeferredRMSNorm and type(layer.post_attention_layernorm) is DeferredRMSNorm
         assert layer.self_attn.q_proj.linear.input_norm.module is layer.input_layernorm
@@ -204,15 +208,19 @@ def test_recompute_projections_normalize_their_own_input(tokens: mx.array):
     assert not mx.allclose(model(tokens), before, atol=1e-3).item()
 
 
-def test_norms_are_not_deferred_to_projections_off_the_recompute_path():
-    model = tiny_lora_model("recompute")
-    assert apply_compute_path(model, "recompute")["deferred_norms"] == 0  # already done: nothing more
+def test_norms_are_deferred_only_on_the_low_memory_recompute_path():
+    model = tiny_lora_model("recompute", low_memory=True)
+    assert apply_compute_path(model, "recompute", low_memory=True)["deferred_norms"] == 0  # done: nothing more
+    fast = tiny_lora_model("recompute")
+    assert not any(isinstance(m, DeferredRMSNorm) for _, m in fast.named_modules())
+    assert type(fast.layers[0].mlp).__call__ is not recompute_mlp
+    assert fast.layers[0].self_attn.q_proj.linear.input_norm is None
     fresh = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2,
                                         intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                                         rms_norm_eps=1e-5, vocab_size=VOCAB))  # fmt: skip
     nn.quantize(fresh, group_size=32, bits=4)
     fresh.layers[1].self_attn.k_proj = nn.Linear(64, 32, bias=False)  # a dense projection reads that norm too
-    assert apply_compute_path(fresh, "recompute")["deferred_norms"] == 3
+    assert apply_compute_path(fresh, "recompute", low_memory=True)["deferred_norms"] == 3
     assert type(fresh.layers[1].input_layernorm) is nn.RMSNorm
     dense = tiny_lora_model("dequantized")
     assert not any(isinstance(m, DeferredRMSNorm) for _, m in dense.named_modules())
@@ -284,6 +292,20 @@ def test_metadata():
     assert infos["dequantized"]["base_weight_bytes"] > 4 * infos["quantized"]["base_weight_bytes"]
     assert {info["path"] for info in infos.values()} == set(COMPUTE_PATHS)
     assert [infos[p]["recompute_swiglu_layers"] for p in ("quantized", "dequantized", "recompute")] == [0, 0, 1]
+    assert not any(info["low_memory"] or info["deferred_norms"] for info in infos.values())
+
+
+def test_training_takes_low_memory_from_the_config(tiny_inputs):
+    from farense.config import TrainConfig
+    from farense.train import load_for_training
+
+    assert TrainConfig().low_memory is False  # the faster recompute path unless asked
+    for low in (False, True):
+        model, _, info = load_for_training(tiny_inputs.model, TrainConfig(compute_path="recompute", low_memory=low))
+        assert info["low_memory"] is low and (info["deferred_norms"] > 0) == low
+        assert (type(model.layers[0].mlp).__call__ is recompute_mlp) == low
+    _, _, info = load_for_training(tiny_inputs.model, TrainConfig(compute_path="dequantized", low_memory=True))
+    assert info["low_memory"] is False and info["deferred_norms"] == 0  # only the recompute path has it
 
 
 def test_benchmark_script_runs_tiny_shape():

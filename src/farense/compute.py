@@ -54,14 +54,17 @@ def select_compute_path(requested: str = "auto") -> str:
 
 
 def apply_compute_path(
-    model: nn.Module, path: str, dtype: mx.Dtype | None = None, fast_math: bool = True
+    model: nn.Module, path: str, dtype: mx.Dtype | None = None, fast_math: bool = True, low_memory: bool = False
 ) -> dict[str, Any]:
     """Convert the base model's quantized layers in place for `path`; return what was done, for run metadata.
 
     `dtype` is the dense weight dtype: by default fp32 on CPU and the scales' dtype elsewhere ("dequantized"),
     the scales' dtype ("recompute"); "quantized" ignores it. `fast_math`: on the CPU, "dequantized" also gives the
     MLPs farense.fast_math's SwiGLU (greedy answers were the same on all 75 held-out questions; training takes it
-    only when train.fast_math asks, since it changes the adapter's rounding).
+    only when train.fast_math asks, since it changes the adapter's rounding). `low_memory`: on "recompute", the
+    backward pass also recomputes each MLP's swiglu output (`recompute_mlp`) and each block's norm outputs
+    (`defer_input_norms`) instead of keeping them: a Mistral-7B step at 4 x 512 on an H200 peaked at 13.66 GB
+    instead of 16.42, and ran 8% slower (benchmarks/GPU_RESULTS.md, 2026-11-28).
     """
     path = select_compute_path(path)
     fast_math_layers = recompute_swiglu_layers = deferred_norms = 0
@@ -83,8 +86,11 @@ def apply_compute_path(
 
         converted = _replace_quantized(model, lambda m: _recompute_layer(m, dtype))
         out_dtype = dtype or _quantized_dtype(model)
-        recompute_swiglu_layers = use_swiglu(model, recompute_swiglu, "Recompute", recompute_mlp)
-        deferred_norms = defer_input_norms(model)
+        if low_memory:
+            recompute_swiglu_layers = use_swiglu(model, recompute_swiglu, "RecomputeLowMemory", recompute_mlp)
+            deferred_norms = defer_input_norms(model)
+        else:
+            recompute_swiglu_layers = use_swiglu(model, recompute_swiglu, "Recompute")
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     return {
         "path": path,
@@ -94,6 +100,7 @@ def apply_compute_path(
         "fast_math_layers": fast_math_layers,
         "recompute_swiglu_layers": recompute_swiglu_layers,
         "deferred_norms": deferred_norms,
+        "low_memory": bool(low_memory and path == "recompute"),
         "mlx_max_ops_per_buffer": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
     }
 

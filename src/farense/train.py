@@ -165,7 +165,7 @@ def load_for_training(model_dir: Path, tcfg: TrainConfig) -> tuple[nn.Module, An
     model, tokenizer = load(str(model_dir))
     model.freeze()
     path = select_compute_path(tcfg.compute_path)
-    compute = apply_compute_path(model, path, fast_math=tcfg.fast_math)
+    compute = apply_compute_path(model, path, fast_math=tcfg.fast_math, low_memory=tcfg.low_memory)
     linear_to_lora_layers(model, tcfg.lora_layers, lora_parameters(tcfg))
     if tcfg.grad_checkpoint:
         grad_checkpoint(model.layers[0])
