@@ -10,8 +10,10 @@ LoRA layers are added (`apply_compute_path`):
 - "recompute": QuantizedLinear subclasses whose forward dequantizes the weight and calls a dense matmul, and whose
   custom vjp dequantizes again in the backward pass instead of keeping the dense weight alive (as bitsandbytes
   does). Their `to_lora` gives a LoRALinear whose vjp keeps no fp32 copy of its input either, and the MLPs take
-  `recompute_swiglu`, which keeps no activation but its inputs. The CUDA path: faster than bf16 LoRA, in less
-  memory than the native quantized path (benchmarks/GPU_RESULTS.md).
+  `recompute_swiglu`, which keeps no activation but its inputs. With `low_memory` (train.low_memory) the backward
+  pass also recomputes each MLP's swiglu output and each block's norm outputs (`recompute_mlp`,
+  `defer_input_norms`). The CUDA path: faster than bf16 LoRA, in less memory than the native quantized path
+  (benchmarks/GPU_RESULTS.md).
 
 This module imports only mlx, mlx-lm and (lazily) farense.fast_math, which imports only mlx: benchmarks can ship it
 to hosts without the rest of farense's dependencies.

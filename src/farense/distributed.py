@@ -229,8 +229,8 @@ def start_ranks(
 ) -> tuple[list[subprocess.Popen], list[Any]]:
     """The worker processes, rank 0 (or mlx.launch) first with its output piped back as text, and the files that
     the other local ranks write their output (warnings, errors) to: they report nothing."""
-    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL, "text": True,
-            "preexec_fn": default_sigint}  # fmt: skip
+    common = {"stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL, "preexec_fn": default_sigint}
+    pipe = {**common, "stdout": subprocess.PIPE, "text": True}
     if not uses_local_ring(tcfg):
         return [subprocess.Popen(launch_command(n, job, tcfg), env=env, **pipe)], []
     worker = [sys.executable, "-m", "farense.distributed", str(job)]
@@ -238,8 +238,7 @@ def start_ranks(
     for r, rank_env in enumerate(local_ring(n, work)):
         if r > 0:
             logs.append(open(work / f"rank-{r}.log", "w"))  # noqa: SIM115  (launch_train closes it)
-        out = pipe if r == 0 else {"stdout": logs[-1], "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL,
-                                   "preexec_fn": default_sigint}  # fmt: skip
+        out = pipe if r == 0 else {**common, "stdout": logs[-1]}
         procs.append(subprocess.Popen(worker, env=env | rank_env, cwd=os.getcwd(), **out))
     return procs, logs
 
