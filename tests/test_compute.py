@@ -189,7 +189,7 @@ def test_recompute_mlp_fuses_only_a_lora_down_proj(monkeypatch: pytest.MonkeyPat
 def test_recompute_projections_normalize_their_own_input(tokens: mx.array):
     model = tiny_lora_model("recompute", low_memory=True)
     for layer in model.layers:
-        assert type(layer.input_layernorm) is DeferredRMSNorm and type(layer.post_attention_layernorm) is DeferredRMSNorm
+        assert type(layer.input_layernorm) is type(layer.post_attention_layernorm) is DeferredRMSNorm
         assert layer.self_attn.q_proj.linear.input_norm.module is layer.input_layernorm
         assert layer.mlp.up_proj.linear.input_norm.module is layer.post_attention_layernorm
         assert layer.self_attn.o_proj.linear.input_norm is None and layer.mlp.down_proj.linear.input_norm is None
