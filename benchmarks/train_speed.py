@@ -156,11 +156,12 @@ def main() -> None:
                                                                                  "log_every": log_every})})
         with train_stage_in_scratch(stage_cfg, data_dir, model_dir) as (summary, ctx, wall):
             rows = read_metrics(ctx.out_dir / "metrics.csv")
-        windows = [round(r["tokens_per_s"], 1) for r in rows if r["kind"] == "train"]
+        # Not `windows`: a local of that name would hide the function from stream_windows above.
+        rates = [round(r["tokens_per_s"], 1) for r in rows if r["kind"] == "train"]
         emit(measure="stage", compute_path=summary["compute_path"], processes=summary.get("processes", 1),
              fast_math_layers=summary.get("fast_math_layers"),
              steps=summary["steps"], batch=args.batch, seq=args.seq, tokens_per_s=summary["tokens_per_s"],
-             windows_tokens_per_s=windows, steady_tokens_per_s=round(sum(windows[1:]) / max(len(windows) - 1, 1), 1),
+             windows_tokens_per_s=rates, steady_tokens_per_s=round(sum(rates[1:]) / max(len(rates) - 1, 1), 1),
              first_valid_s=rows[0]["seconds"] if rows and rows[0]["kind"] == "valid" else None,
              stage_wall_s=round(wall, 2), peak_gb=summary["peak_gb"])  # fmt: skip
 

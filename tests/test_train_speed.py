@@ -1,0 +1,27 @@
+"""benchmarks/train_speed.py runs every measurement on a tiny model and prints one JSON line each."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_speed_prints_windows_loop_and_stage(tiny_inputs, tmp_path: Path):
+    config = tiny_inputs.config_file(tmp_path / "farense.yaml", tmp_path / "artifacts")
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/train_speed.py", "--config", str(config), "--paths", "dequantized",
+         "--steps", "2", "--batch", "2", "--seq", "64"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["measure"] for r in rows] == ["windows", "loop", "stage"]
+    windows, loop, stage = rows
+    assert windows["compute_path"] == "dequantized" and windows["padding_share"] < 0.05  # fixed full windows
+    assert windows["batch"] == 2 and windows["seq"] == 64 and windows["tokens_per_s"] > 0
+    assert 0.0 <= loop["padding_share"] < 1.0 and loop["tokens_per_s"] > 0
+    assert stage["steps"] == 3 and len(stage["windows_tokens_per_s"]) >= 2 and stage["tokens_per_s"] > 0
