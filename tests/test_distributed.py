@@ -254,3 +254,32 @@ def test_auto_devices_is_two_processes_on_a_cpu_and_one_per_cuda_gpu(monkeypatch
     monkeypatch.setattr(mx, "device_count", lambda device: 4)
     assert auto() == 4
     assert distributed.requested_processes(load_config(None, {"train.devices": 3}).train) == 3
+
+
+def test_a_rank_that_fails_stops_rank_0_instead_of_leaving_it_waiting(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """launch_train's watcher: rank 1 dies while rank 0 would wait on it (here: sleep 60 s); rank 0 is interrupted
+    (so it could save a checkpoint) and the stage fails with the error, well before rank 0 would have ended."""
+    from farense import distributed
+    from farense.config import FarenseConfig
+    from farense.errors import TrainingError
+    from farense.stages import StageContext
+
+    marker = tmp_path / "r0"
+    failing = ("import sys, time; from pathlib import Path\n"
+               "while not Path(sys.argv[1]).exists(): time.sleep(0.05)\n"
+               "sys.exit(3)")  # fmt: skip
+
+    def start_ranks(n, job, work, tcfg, env):  # noqa: ANN001, ANN202
+        rank0 = subprocess.Popen([sys.executable, "-c", STUBBORN, str(marker), "obey"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)  # fmt: skip
+        rank1 = subprocess.Popen([sys.executable, "-c", failing, str(marker) + ".started"])
+        return [rank0, rank1], []
+
+    monkeypatch.setattr(distributed, "start_ranks", start_ranks)
+    ctx = StageContext(upstream={}, out_dir=tmp_path / "out", work_dir=tmp_path / "work")
+    tic = time.monotonic()
+    with pytest.raises(TrainingError, match="2 processes"):
+        distributed.launch_train(FarenseConfig(), ctx, 2)
+    assert time.monotonic() - tic < 45
+    assert marker.read_text() == "checkpoint"  # rank 0 got SIGINT, not SIGKILL
