@@ -168,18 +168,20 @@ class RecomputeLoRALinear(LoRALinear):
         return isinstance(self.linear, RecomputeQuantizedLinear) and not (self.dropout_p > 0 and self.training)
 
     def __call__(self, x: mx.array) -> mx.array:
-        base = self.linear
         if not self.fusable():
             return self._stock_call(x)
-        lora = (self.lora_a, self.lora_b, base["weight"], base["scales"], base.get("biases"), self.scale)
-        norm = base.input_norm
+        norm = self.linear.input_norm
         if norm is None:
-            y = lora_dequantized_matmul(x, *lora, *base._quant_args())
-        else:
-            y = lora_normed_dequantized_matmul(x, *lora, norm.module["weight"], norm.module.eps, *base._quant_args())
-        if "bias" in base:
-            y = y + base["bias"]
-        return y
+            return self.fused(lora_dequantized_matmul, x)
+        return self.fused(lora_normed_dequantized_matmul, x, extra=(norm.module["weight"], norm.module.eps))
+
+    def fused(self, fn: Any, *inputs: mx.array, extra: tuple = ()) -> mx.array:
+        """fn(*inputs, lora_a, lora_b, weight, scales, biases, scale, *extra, group_size, bits, mode) + bias: one of
+        this module's custom functions, given this layer's adapter and base weights."""
+        base = self.linear
+        lora = (self.lora_a, self.lora_b, base["weight"], base["scales"], base.get("biases"), self.scale)
+        y = fn(*inputs, *lora, *extra, *base._quant_args())
+        return y + base["bias"] if "bias" in base else y
 
 
 @mx.custom_function
@@ -212,12 +214,7 @@ def recompute_mlp(mlp: nn.Module, x: mx.array) -> mx.array:
     down = mlp.down_proj
     if not isinstance(down, RecomputeLoRALinear) or not down.fusable():
         return down(recompute_swiglu(gate, up))
-    base = down.linear
-    y = lora_swiglu_down(
-        gate, up, down.lora_a, down.lora_b, base["weight"], base["scales"], base.get("biases"), down.scale,
-        *base._quant_args(),
-    )  # fmt: skip
-    return y + base["bias"] if "bias" in base else y
+    return down.fused(lora_swiglu_down, gate, up)
 
 
 class _NormRef:
