@@ -38,6 +38,7 @@ from farense.checkpoint import (
 )
 from farense import distributed
 from farense.config import LORA_TARGET_MODULES, FarenseConfig, TrainConfig
+from farense.memory import estimate_memory_bytes, fit_batch, keep_freed_host_memory, memory_budget_bytes, oom_message
 from farense.batching import BatchOrder, collate, drop_unlearnable, load_jsonl, tokenize_rows  # noqa: F401
 from farense.errors import TrainingError
 from farense.loss import chosen_loss, loss_fn, loss_inputs, use_masked_head  # noqa: F401
@@ -157,7 +158,8 @@ def evaluate(
 
 
 def load_for_training(model_dir: Path, tcfg: TrainConfig) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Load the 4-bit base, choose the compute path, add LoRA layers; only the adapters are trainable."""
+    """Load the 4-bit base, choose the compute path, add LoRA layers; only the adapters are trainable. On a CPU,
+    the process keeps freed host memory for reuse from here on (farense.memory.keep_freed_host_memory)."""
     from mlx_lm.tuner.trainer import grad_checkpoint
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load
@@ -166,6 +168,7 @@ def load_for_training(model_dir: Path, tcfg: TrainConfig) -> tuple[nn.Module, An
     model.freeze()
     path = select_compute_path(tcfg.compute_path)
     compute = apply_compute_path(model, path, fast_math=tcfg.fast_math, low_memory=tcfg.low_memory)
+    compute["host_memory_kept"] = mx.default_device() == mx.cpu and keep_freed_host_memory()
     linear_to_lora_layers(model, tcfg.lora_layers, lora_parameters(tcfg))
     if tcfg.grad_checkpoint:
         grad_checkpoint(model.layers[0])
@@ -199,60 +202,6 @@ def build_optimizer(tcfg: TrainConfig, total_steps: int) -> optim.Optimizer:
     decay = optim.cosine_decay(lr, max(total_steps - warmup, 1), end=lr * 0.1)
     schedule = optim.join_schedules([optim.linear_schedule(lr * 1e-3, lr, warmup), decay], [warmup]) if warmup else decay
     return optim.AdamW(learning_rate=schedule, weight_decay=tcfg.weight_decay)
-
-
-# ---------------------------------------------------------------- memory
-
-
-def estimate_memory_bytes(model: nn.Module, batch: int, seq: int, args: Any, grad_checkpoint: bool) -> int:
-    """Weights + adapters with AdamW moments + activations (a Korthikanti-style per-layer estimate) + logits."""
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
-    hidden = getattr(args, "hidden_size", 512)
-    layers = getattr(args, "num_hidden_layers", len(getattr(model, "layers", [])) or 1)
-    heads = getattr(args, "num_attention_heads", 8)
-    vocab = getattr(args, "vocab_size", 32000)
-    per_layer = batch * seq * (34 * hidden + 5 * heads * seq) * 2
-    activations = per_layer * (1 if grad_checkpoint else layers)
-    logits = 3 * batch * seq * vocab * 4
-    return int(weights + 3 * trainable + activations + logits)
-
-
-def memory_budget_bytes() -> int:
-    """What this process may use: free RAM on CPU, the recommended working set on a GPU."""
-    try:
-        if mx.default_device() == mx.gpu:
-            info = mx.device_info()
-            if "max_recommended_working_set_size" in info:
-                return int(info["max_recommended_working_set_size"])
-            if "memory_size" in info:
-                return int(info["memory_size"] * 0.9)
-    except (AttributeError, RuntimeError):
-        pass
-    return int(psutil.virtual_memory().available * 0.85)
-
-
-def fit_batch(
-    estimate: Any, batch: int, accum: int, budget: int
-) -> tuple[int, int, str | None]:  # estimate: Callable[[int], int]
-    """Halve the batch and double accumulation until the estimate fits. Returns (batch, accum, message)."""
-    b, a = batch, accum
-    while b > 1 and estimate(b) > budget:
-        b, a = b // 2, a * 2 if b % 2 == 0 else math.ceil(a * b / (b // 2))
-    if (b, a) == (batch, accum):
-        return b, a, None
-    return b, a, (
-        f"estimated {estimate(batch) / 1e9:.1f} GB for batch {batch} exceeds the {budget / 1e9:.1f} GB available: "
-        f"training with batch {b} x accumulation {a} (effective batch {b * a}, was {batch * accum})"
-    )
-
-
-def oom_message(tcfg: TrainConfig, error: BaseException) -> str:
-    return (
-        f"out of memory while training ({error}). Lower train.batch_size (now {tcfg.batch_size}) and raise "
-        f"train.grad_accumulation to keep the effective batch, lower train.max_seq_length (now "
-        f"{tcfg.max_seq_length}), or set train.grad_checkpoint=true"
-    )
 
 
 # ---------------------------------------------------------------- the loop
