@@ -74,6 +74,40 @@ def with_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def test_cross_entropy_matches_mlx_in_value_and_gradient():
+    logits = mx.random.normal((37, 1000), key=mx.random.key(7)) * 6
+    logits[3] += 80.0  # a row far from 0: the log-sum-exp must subtract its peak
+    logits[4] -= 80.0
+    targets = mx.random.randint(0, 1000, (37,), key=mx.random.key(8))
+    weights = mx.random.uniform(shape=(37,), key=mx.random.key(9))
+
+    def weighted(fn):  # noqa: ANN001, ANN202
+        return lambda x: (fn(x, targets) * weights).sum()
+
+    (want, want_grad), (got, grad) = (mx.value_and_grad(weighted(fn))(logits)
+                                      for fn in (nn.losses.cross_entropy, fast_math.cross_entropy))  # fmt: skip
+    assert abs(got.item() - want.item()) <= 2e-7 * abs(want.item())
+    assert mx.allclose(grad, want_grad, rtol=1e-5, atol=1e-7).item()
+    assert mx.allclose(fast_math.cross_entropy(logits, targets), nn.losses.cross_entropy(logits, targets),
+                       rtol=1e-6, atol=1e-5).item()  # fmt: skip
+
+
+def test_the_masked_head_loss_takes_it_with_the_fast_swiglu(monkeypatch):
+    from farense import loss as loss_mod
+
+    tokens = mx.random.randint(0, 100, (2, 17), key=mx.random.key(5))
+    lengths = mx.array([[3, 17], [5, 12]])
+    inputs = loss_mod.loss_inputs(tokens, lengths, True)
+    calls = []
+    real = fast_math.cross_entropy
+    monkeypatch.setattr(fast_math, "cross_entropy", lambda *a: calls.append(1) or real(*a))
+    plain, fast = tiny_llama(), tiny_llama()
+    fast_math.use_fast_math(fast)
+    want, got = (loss_mod.masked_head_loss(m, *inputs)[0] for m in (plain, fast))
+    assert calls == [1], "only the fast-math model takes the fast cross-entropy"
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+
+
 def test_use_fast_math_swaps_every_mlp_once_and_keeps_the_outputs():
     model = tiny_llama()
     tokens = mx.random.randint(0, 100, (2, 9), key=mx.random.key(3))

@@ -13,6 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from farense import fast_math
+
 POSITION_BUCKET = 64
 # mlx-lm model types whose Model.__call__ is `lm_head(model(inputs))` (or the tied embedding) and nothing more:
 # no logit soft-capping or scaling that gathering before projecting would skip.
@@ -51,11 +53,13 @@ def project(model: nn.Module, hidden: mx.array) -> mx.array:
 def masked_head_loss(
     model: nn.Module, batch: mx.array, positions: mx.array, weights: mx.array
 ) -> tuple[mx.array, mx.array]:
-    """default_loss's (mean cross-entropy, token count), projecting only the hidden states at `positions`."""
+    """default_loss's (mean cross-entropy, token count), projecting only the hidden states at `positions`. A model
+    with farense.fast_math's SwiGLU also takes its cross-entropy (the same to float rounding)."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     hidden = model.model(inputs)
     hidden = hidden.reshape(-1, hidden.shape[-1])[positions]
-    ce = nn.losses.cross_entropy(project(model, hidden), targets.reshape(-1)[positions]) * weights
+    cross_entropy = fast_math.cross_entropy if fast_math.uses_fast_math(model) else nn.losses.cross_entropy
+    ce = cross_entropy(project(model, hidden), targets.reshape(-1)[positions]) * weights
     ntoks = weights.sum()
     return ce.astype(mx.float32).sum() / ntoks, ntoks
 
