@@ -237,6 +237,9 @@ def test_auto_fit_lowers_batch_when_memory_is_short(
         ("train.compute_path", "quantized", lambda s, st, cfgj: s["compute_path"] == "quantized"),
         ("train.masked_lm_head", False, lambda s, st, cfgj: s["loss"] == "default"),
         ("train.masked_lm_head", True, lambda s, st, cfgj: s["loss"] == "masked-head"),
+        ("train.fast_math", True,
+         lambda s, st, cfgj: s["cross_entropy"] == ("fast_math" if s["device"] == "Device(cpu, 0)" else "mlx")),
+        ("train.fast_math", False, lambda s, st, cfgj: s["cross_entropy"] == "mlx"),
     ],
 )
 def test_config_fields_reach_the_trainer(

@@ -11,8 +11,13 @@ pass recomputes the sigmoid instead of keeping intermediates. farense.compute do
 for training when `train.fast_math` asks (its rounding changes the adapter). Measured on a fresh clone
 (`benchmarks/fast_math.py`, 2026-11-28): a training step of the embedded model (batch 4 x 127) 3.85 -> 3.42 s,
 greedy answers 0.322 -> 0.291 s each, the same 75 answers. Also tried and not kept, since the whole step was no
-faster: attention's softmax and the loss's log-sum-exp built on this exp (mx.fast's attention kernel and the
-loss's own backward win on the whole).
+faster: attention's softmax built on this exp (mx.fast's attention kernel wins on the whole).
+
+`cross_entropy` is the loss's on this exp, forward and backward (its vjp recomputes the softmax from the saved
+log-sum-exp); farense.loss's masked-head loss takes it for a model with this SwiGLU. Measured alternating
+(`benchmarks/train_speed.py`, 2026-11-28): the bare loop at 4 x 128 (every position trained) 183.0 and 158.6
+against 151.2 and 144.1 tokens/s; the two-process train stage at batch 8 (steady) 230.1 against 213.2. It keeps
+a few more (positions x vocabulary) buffers: peak 1.99 against 1.49 GB a process in that stage.
 """
 
 from __future__ import annotations

@@ -75,11 +75,13 @@ TOP_PAD_BYTES = 256 << 20
 
 def keep_freed_host_memory() -> bool:
     """Serve every host buffer from the heap and keep what is freed there, instead of mapping each large buffer
-    from the kernel and unmapping it when freed (glibc's default above 128 KB-32 MB). A training step frees and
-    allocates the same large buffers (the logits at the trained positions alone are tokens x vocab floats) every
-    step; with the default, the kernel zeroes fresh pages for each: 4% of a CPU step's samples in
-    `clear_page_erms`, 8% more with the faults and malloc's own bookkeeping. Costs about 0.5 GB of resident
-    memory for the embedded model; lasts for the process. Returns False where there is no glibc (macOS)."""
+    from the kernel and unmapping it when freed (glibc does so above a threshold that grows to at most 32 MB). A
+    training step frees and allocates the same large buffers every step, the logits at the trained positions
+    (positions x vocabulary floats) among them; with the default the kernel zeroes fresh pages for each: 4% of a
+    one-process CPU step's perf samples were in `clear_page_erms`. The two-process train stage (batch 8, 30 steps,
+    alternating) ran at steady 221.8 and 222.8 against 206.2 and 211.7 tokens/s; the default run's train stage at
+    222.8 against 217.8, with the same adapter (2026-11-28). Costs about 0.3-0.5 GB of resident memory for the
+    embedded model; lasts for the process. Returns False where there is no glibc (macOS)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
