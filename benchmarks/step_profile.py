@@ -17,6 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from farense import fast_math
+
 
 def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     mx.eval(fn())  # compile and first allocations
@@ -102,9 +104,12 @@ def profile_step(model: nn.Module, batch: mx.array, lengths: mx.array, loss_fn: 
     steps_ = mx.arange(1, T + 1)
     loss_mask = mx.logical_and(steps_ >= lengths[:, 0:1], steps_ <= lengths[:, 1:])
 
+    # The trainer's cross-entropy: fast_math's where the model has its SwiGLU (farense.loss).
+    cross_entropy = fast_math.cross_entropy if fast_math.uses_fast_math(model) else nn.losses.cross_entropy
+
     def head_loss(x: mx.array) -> mx.array:
         logits = _project(model, inner.norm(x))
-        return (nn.losses.cross_entropy(logits, targets) * loss_mask).sum()
+        return (cross_entropy(logits, targets) * loss_mask).sum()
 
     grad_head = mx.compile(mx.grad(head_loss))
     part("lm_head_loss", mx.compile(lambda: head_loss(h)), lambda: grad_head(h), head, head)

@@ -25,3 +25,18 @@ def test_train_speed_prints_windows_loop_and_stage(tiny_inputs, tmp_path: Path):
     assert windows["batch"] == 2 and windows["seq"] == 64 and windows["tokens_per_s"] > 0
     assert 0.0 <= loop["padding_share"] < 1.0 and loop["tokens_per_s"] > 0
     assert stage["steps"] == 3 and len(stage["windows_tokens_per_s"]) >= 2 and stage["tokens_per_s"] > 0
+
+
+def test_train_speed_profile_times_each_part(tiny_inputs, tmp_path: Path):
+    config = tiny_inputs.config_file(tmp_path / "farense.yaml", tmp_path / "artifacts")
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/train_speed.py", "--config", str(config), "--only", "profile",
+         "--steps", "2", "--batch", "2", "--seq", "64"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    parts = row["parts"]
+    assert {"embedding", "attention", "mlp", "lm_head_loss"} <= set(parts)
+    assert all(parts[p]["forward_s"] > 0 and parts[p]["backward_s"] > 0 for p in ("attention", "mlp", "lm_head_loss"))
+    assert row["compiled_step_s"] > 0
