@@ -10,15 +10,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_train_speed_prints_windows_loop_and_stage(tiny_inputs, tmp_path: Path):
+def train_speed_rows(tiny_inputs, tmp_path: Path, *args: str) -> list[dict]:  # noqa: ANN001
+    """train_speed.py on the tiny model at 2 x 64, 2 steps; its JSON lines."""
     config = tiny_inputs.config_file(tmp_path / "farense.yaml", tmp_path / "artifacts")
     proc = subprocess.run(
-        [sys.executable, "benchmarks/train_speed.py", "--config", str(config), "--paths", "dequantized",
+        [sys.executable, "benchmarks/train_speed.py", "--config", str(config), *args,
          "--steps", "2", "--batch", "2", "--seq", "64"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_train_speed_prints_windows_loop_and_stage(tiny_inputs, tmp_path: Path):
+    rows = train_speed_rows(tiny_inputs, tmp_path, "--paths", "dequantized")
     assert [r["measure"] for r in rows] == ["windows", "loop", "stage"]
     windows, loop, stage = rows
     assert windows["compute_path"] == "dequantized" and windows["padding_share"] < 0.05  # fixed full windows
@@ -28,14 +33,7 @@ def test_train_speed_prints_windows_loop_and_stage(tiny_inputs, tmp_path: Path):
 
 
 def test_train_speed_profile_times_each_part(tiny_inputs, tmp_path: Path):
-    config = tiny_inputs.config_file(tmp_path / "farense.yaml", tmp_path / "artifacts")
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/train_speed.py", "--config", str(config), "--only", "profile",
-         "--steps", "2", "--batch", "2", "--seq", "64"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    (row,) = train_speed_rows(tiny_inputs, tmp_path, "--only", "profile")
     parts = row["parts"]
     assert {"embedding", "attention", "mlp", "lm_head_loss"} <= set(parts)
     assert all(parts[p]["forward_s"] > 0 and parts[p]["backward_s"] > 0 for p in ("attention", "mlp", "lm_head_loss"))
