@@ -489,20 +489,3 @@ def _dense_dtype(model: nn.Module) -> mx.Dtype | None:
 
 def _dtype_name(dtype: mx.Dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("mlx.core.")
-
-
-def use_kernel_cache(folder: os.PathLike | str) -> str:
-    """Keep MLX's compiled CUDA kernels in `folder/mlx-<version>` (MLX_PTX_CACHE_DIR) unless the environment names
-    a folder already; returns the folder in use.
-
-    On CUDA, MLX compiles its kernels with NVRTC on first use and caches them, by default under /tmp, which a fresh
-    GPU worker does not have: a Mistral-7B step then took 63-72 s from process start to the first optimizer step on
-    an H100, against 14 s with the cache filled (benchmarks/GPU_RESULTS.md). MLX reads the variable once, at its first
-    kernel compilation, so this must run before any GPU work; worker processes inherit it. The version in the name
-    keeps kernels of another MLX release out (MLX does not version a folder it is given).
-    """
-    if os.environ.get("MLX_PTX_CACHE_DIR"):
-        return os.environ["MLX_PTX_CACHE_DIR"]
-    path = os.path.join(os.fspath(folder), f"mlx-{mx.__version__}")
-    os.environ["MLX_PTX_CACHE_DIR"] = path
-    return path

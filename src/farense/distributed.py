@@ -335,15 +335,17 @@ class LineReporter:
 def main(argv: Sequence[str] | None = None) -> int:
     """Worker: `python -m farense.distributed JOB.json`, one per rank, under `mlx.launch`."""
     from farense.config import FarenseConfig
+    from farense.kernel_cache import use_kernel_cache
     from farense.progress import NullReporter
     from farense.stages import StageContext
     from farense.train import train_stage
 
     args = list(sys.argv[1:] if argv is None else argv)
     job = json.loads(Path(args[0]).read_text())
+    cfg = FarenseConfig.model_validate(job["config"])
+    use_kernel_cache(cfg.artifacts_dir / "cache" / "kernels")  # this rank's own folder, before any GPU work
     group = mx.distributed.init(strict=True)
     rank = group.rank()
-    cfg = FarenseConfig.model_validate(job["config"])
     ctx = StageContext(
         upstream={k: Path(v) for k, v in job["upstream"].items()},
         out_dir=Path(job["out_dir"]),

@@ -92,7 +92,7 @@ def execute_stage(
     gets the holder of a lock left by a killed process."""
     store = ArtifactStore(cfg.artifacts_dir)
     rep = reporter or NullReporter()
-    from farense.compute import use_kernel_cache
+    from farense.kernel_cache import use_kernel_cache
 
     # Before any GPU work: compiled CUDA kernels live with the artifacts, so a fresh GPU worker reuses them.
     use_kernel_cache(cfg.artifacts_dir / "cache" / "kernels")
