@@ -25,6 +25,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from farense.store import pid_alive
+
 SHARED_ENV = "FARENSE_KERNEL_CACHE"  # the shared folder; inherited by worker processes
 OWNER_ENV = "FARENSE_KERNEL_CACHE_PID"  # the process whose private folder MLX_PTX_CACHE_DIR names
 PRIVATE_DIR = ".proc"
@@ -87,7 +89,7 @@ def private_folder(shared: Path) -> Path:
     host = socket.gethostname()
     for old in procs.glob(f"{host}-*"):
         pid = old.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     mine = procs / f"{host}-{os.getpid()}"
     shutil.rmtree(mine, ignore_errors=True)
@@ -115,13 +117,3 @@ def publish(mine: Path, shared: Path) -> int:
         count += 1
     shutil.rmtree(mine, ignore_errors=True)
     return count
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

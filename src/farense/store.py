@@ -157,7 +157,7 @@ class ArtifactStore:
     def _sweep_temp(self, stage_dir: Path, key: str) -> None:
         for p in stage_dir.glob(f".tmp-{key}-*"):
             pid = _pid_of(p.name)
-            if pid is None or not _alive(pid):
+            if pid is None or not pid_alive(pid):
                 shutil.rmtree(p, ignore_errors=True)
 
     def remove(self, stage: str, key: str) -> None:
@@ -248,7 +248,8 @@ def _pid_of(name: str) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether another process of this host has this pid (this process counts as not alive: its own leftovers go)."""
     if pid == os.getpid():
         return False
     try:
