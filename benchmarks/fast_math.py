@@ -1,6 +1,7 @@
 """What farense.fast_math buys on this machine, as JSON lines: the cost per element of mx.exp and of ours, of
-mlx-lm's swiglu and ours (forward, and forward + backward), then a training step of the embedded model and greedy
-answers of the published adapter, each with and without it.
+mlx-lm's swiglu and ours, of mlx's attention and causal_attention (forward, and forward + backward), then a training
+step of the embedded model (without it, with it, with it but mlx's attention) and greedy answers of the published
+adapter, each with and without it.
 
 The step and answer comparisons load both models in one process and alternate between them, round by round, so a
 slow spell of the machine hits both alike (on this VM two runs of one command differ by up to 15%).
@@ -48,6 +49,16 @@ def ops() -> None:
         emit(measure="op", op=name, shape=[4, 127, 1536],
              forward_ms=round(1000 * median_seconds(lambda fn=fn: fn(gate, up), 20), 3),
              forward_backward_ms=round(1000 * median_seconds(lambda grad=grad: grad(gate, up), 20), 3))  # fmt: skip
+    # One SmolLM2 attention at 4 x 128: 9 query heads over 3 key/value heads of 64.
+    q, k, v = (mx.random.normal((4, h, 128, 64), key=mx.random.key(3 + i)) for i, h in enumerate((9, 3, 3)))
+    mx.eval(q, k, v)
+    for name, fn in (("mx.fast.scaled_dot_product_attention", lambda q, k, v: mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=1.0, mask="causal")), ("fast_math.causal_attention", fast_math.causal_attention)):
+        grad = mx.compile(mx.grad(lambda q, k, v, fn=fn: (fn(q, k, v) * q).sum(), argnums=(0, 1, 2)))
+        forward = mx.compile(fn)
+        emit(measure="op", op=name, shape=[4, 9, 128, 64],
+             forward_ms=round(1000 * median_seconds(lambda f=forward: f(q, k, v), 20), 3),
+             forward_backward_ms=round(1000 * median_seconds(lambda grad=grad: grad(q, k, v), 20), 3))  # fmt: skip
 
 
 def load_both(load: Callable[[], Any]) -> dict[str, Any]:
@@ -73,6 +84,12 @@ def train_step(model_dir: Path, batch: int, rounds: int) -> None:
     inputs = loss_inputs(*collate(examples, list(range(batch)), 128), True)
     models = {name: load_for_training(model_dir, tcfg.model_copy(update={"fast_math": on}))[0]
               for name, on in (("plain", False), ("fast_math", True))}  # fmt: skip
+    swap = fast_math.use_fast_attention
+    try:  # fast_math's SwiGLU and cross-entropy, mlx's attention: what causal_attention adds
+        fast_math.use_fast_attention = lambda model: 0
+        models["fast_math_mlx_attention"] = load_for_training(model_dir, tcfg.model_copy(update={"fast_math": True}))[0]
+    finally:
+        fast_math.use_fast_attention = swap
     steps = {}
     for name, model in models.items():
         value_and_grad = nn.value_and_grad(model, masked_head_loss)

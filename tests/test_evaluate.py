@@ -217,6 +217,31 @@ def test_validated_adapter_is_the_best_checkpoint_in_mlx_lm_format(validated: tu
     assert any(k.endswith("lora_a") for k, _ in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
 
 
+def test_validation_losses_come_from_the_train_stage_when_they_are_the_same_measurement(validated: tuple) -> None:
+    from farense.evaluate import attach_adapter, load_base, load_jsonl_rows, losses_from_training, validation_loss
+
+    project, paths, _ = validated
+    metrics = json.loads((paths["validate"] / "metrics.json").read_text())
+    state = json.loads((paths["train"] / "training_state.json").read_text())
+    assert metrics["base"]["measured_by"] == "train stage, step 0"
+    assert metrics["tuned"]["measured_by"] == f"train stage, step {state['best_step']}"
+    # Measured again here, on the validate stage's own model and adapter: the same losses.
+    model, tokenizer, _ = load_base(paths["model"], project.cfg.train.compute_path)
+    rows = load_jsonl_rows(paths["data"] / "valid.jsonl")
+    base = validation_loss(model, tokenizer, rows, project.cfg)
+    tuned = validation_loss(attach_adapter(model, paths["validate"] / "adapter"), tokenizer, rows, project.cfg)
+    assert base["measured_by"] == tuned["measured_by"] == "validate stage"
+    assert base["val_loss"] == pytest.approx(metrics["base"]["val_loss"], rel=1e-5)
+    assert tuned["val_loss"] == pytest.approx(metrics["tuned"]["val_loss"], rel=1e-5)
+    assert base["examples"] == metrics["base"]["examples"]
+    # Other validation batches than the trainer's, or an adapter from a step it did not validate: measured here.
+    other = project.config(**{"eval.max_batches": 1})
+    assert losses_from_training(paths["train"], other, "best_adapters.safetensors") == {}
+    final_step = state["step"]
+    found = losses_from_training(paths["train"], project.cfg, "adapters.safetensors")
+    assert found["base"][1] == "train stage, step 0" and found["tuned"][1] == f"train stage, step {final_step}"
+
+
 def test_without_questions_only_the_loss_is_measured(tmp_path: Path) -> None:
     project = tiny_project(tmp_path, **{"data.eval_questions": str(tmp_path / "missing.jsonl"), "eval.adapter": "final"})
     paths = project.run(until="train")
@@ -241,3 +266,4 @@ def test_eval_settings_reach_the_stage(validated: tuple, tmp_path: Path) -> None
     metrics = json.loads((out / "metrics.json").read_text())
     assert summary["questions"] == 1 and metrics["max_tokens"] == 2
     assert metrics["base"]["batches"] == 1 and metrics["tuned"]["answer_tokens"] <= 2
+    assert metrics["base"]["measured_by"] == metrics["tuned"]["measured_by"] == "validate stage"

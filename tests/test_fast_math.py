@@ -12,6 +12,7 @@ import farense  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import llama
 from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
@@ -108,6 +109,48 @@ def test_the_masked_head_loss_takes_it_with_the_fast_swiglu(monkeypatch):
     assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
 
 
+@pytest.mark.parametrize("shape", [(2, 9, 3, 17, 64), (1, 4, 4, 5, 8), (3, 8, 2, 33, 16)])
+def test_causal_attention_matches_mlx_in_value_and_gradients(shape):
+    b, heads, kv_heads, length, dim = shape
+    q, k, v, ct = (mx.random.normal((b, h, length, dim), key=mx.random.key(i))
+                   for i, h in enumerate((heads, kv_heads, kv_heads, heads)))  # fmt: skip
+
+    def mlx_attention(q, k, v):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask="causal")
+
+    results = [mx.value_and_grad(lambda *a: (fn(*a) * ct).sum(), argnums=(0, 1, 2))(q, k, v)
+               for fn in (mlx_attention, fast_math.causal_attention)]  # fmt: skip
+    (ref, ref_grads), (ours, our_grads) = results
+    assert abs(ours.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    assert mx.allclose(fast_math.causal_attention(q, k, v), mlx_attention(q, k, v), rtol=1e-5, atol=1e-5).item()
+    for r, o in zip(ref_grads, our_grads):  # float32 rounding of sums of terms up to ~25: relative to the largest
+        assert mx.abs(o - r).max().item() <= 1e-5 * mx.abs(r).max().item()
+    # Causal: changing the last position's key and value leaves every earlier position's output as it was.
+    k2, v2 = k.at[:, :, -1].add(5.0), v.at[:, :, -1].add(5.0)
+    before, after = fast_math.causal_attention(q, k, v), fast_math.causal_attention(q, k2, v2)
+    assert mx.array_equal(before[:, :, :-1], after[:, :, :-1]).item()
+    assert not mx.allclose(before[:, :, -1], after[:, :, -1]).item()
+
+
+def test_attention_takes_it_only_for_whole_causal_sequences(monkeypatch):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = tiny_llama()
+    tokens = mx.random.randint(0, 100, (2, 9), key=mx.random.key(4))
+    before = model(tokens)
+    cache = make_prompt_cache(model)
+    cached_before = model(tokens[:1], cache=cache)
+    assert fast_math.use_fast_attention(model) == 2 and fast_math.use_fast_attention(model) == 0
+    assert fast_math.uses_fast_attention(model) == 2
+    calls = []
+    real = fast_math.causal_attention
+    monkeypatch.setattr(fast_math, "causal_attention", lambda *a: calls.append(1) or real(*a))
+    assert mx.allclose(model(tokens), before, rtol=1e-5, atol=1e-5).item() and len(calls) == 2
+    # With a cache (answering) it is mlx-lm's own attention: the same logits, and it is not called.
+    cache = make_prompt_cache(model)
+    assert mx.array_equal(model(tokens[:1], cache=cache), cached_before).item() and len(calls) == 2
+
+
 def test_use_fast_math_swaps_every_mlp_once_and_keeps_the_outputs():
     model = tiny_llama()
     tokens = mx.random.randint(0, 100, (2, 9), key=mx.random.key(3))
@@ -118,6 +161,7 @@ def test_use_fast_math_swaps_every_mlp_once_and_keeps_the_outputs():
     assert fast_math.use_fast_math(model) == 0  # already swapped
     assert fast_math.uses_fast_math(model)
     assert all(type(layer.mlp).__name__ == "FastMathMLP" for layer in model.model.layers)
+    assert all(type(layer.self_attn).__name__ == "FastMathAttention" for layer in model.model.layers)
     assert [k for k, _ in tree_flatten(model.parameters())] == names
     assert mx.allclose(model(tokens), before, rtol=1e-5, atol=1e-5).item()
 
@@ -144,7 +188,7 @@ def test_the_cpu_compute_path_applies_it_and_records_it():
     model = tiny_llama()
     nn.quantize(model, group_size=32, bits=4)
     info = apply_compute_path(model, "dequantized")
-    assert info["fast_math_layers"] == (2 if mx.default_device() == mx.cpu else 0)
+    assert info["fast_math_layers"] == info["fast_attention_layers"] == (2 if mx.default_device() == mx.cpu else 0)
     off = tiny_llama()
     nn.quantize(off, group_size=32, bits=4)
     assert apply_compute_path(off, "dequantized", fast_math=False)["fast_math_layers"] == 0
@@ -171,5 +215,6 @@ def test_the_benchmark_prints_measured_op_costs():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks/fast_math.py"), "--only", "ops"],
                          capture_output=True, text=True, timeout=300, check=True).stdout  # fmt: skip
     rows = {r.get("op"): r for r in map(json.loads, out.splitlines()) if r["measure"] == "op"}
-    assert set(rows) == {"add", "mx.exp", "fast_math.exp", "mlx_lm swiglu", "fast_math.swiglu"}
+    assert set(rows) == {"add", "mx.exp", "fast_math.exp", "mlx_lm swiglu", "fast_math.swiglu",
+                         "mx.fast.scaled_dot_product_attention", "fast_math.causal_attention"}
     assert all(r.get("ns_per_element", 1) > 0 and r.get("forward_ms", 1) > 0 for r in rows.values())

@@ -47,7 +47,7 @@ def select_compute_path(requested: str = "auto") -> str:
     if requested == "auto":
         if mx.metal.is_available():
             return "quantized"
-        if _cuda_available():
+        if cuda_available():
             return "recompute"
         return "dequantized"
     if requested not in COMPUTE_PATHS:
@@ -62,14 +62,15 @@ def apply_compute_path(
 
     `dtype` is the dense weight dtype: by default fp32 on CPU and the scales' dtype elsewhere ("dequantized"),
     the scales' dtype ("recompute"); "quantized" ignores it. `fast_math`: on the CPU, "dequantized" also gives the
-    MLPs farense.fast_math's SwiGLU (greedy answers were the same on all 75 held-out questions; training takes it
-    only when train.fast_math asks, since it changes the adapter's rounding). `low_memory`: on "recompute", the
+    MLPs farense.fast_math's SwiGLU and llama's attention its causal_attention for whole sequences (greedy answers
+    were the same on all 75 held-out questions; answering keeps mlx's attention; training takes them only when
+    train.fast_math asks, since they change the adapter's rounding). `low_memory`: on "recompute", the
     backward pass also recomputes each MLP's swiglu output (`recompute_mlp`) and each block's norm outputs
     (`defer_input_norms`) instead of keeping them: a Mistral-7B step at 4 x 512 on an H200 peaked at 13.66 GB
     instead of 16.42, and ran 8% slower (benchmarks/GPU_RESULTS.md, 2026-11-28).
     """
     path = select_compute_path(path)
-    fast_math_layers = recompute_swiglu_layers = deferred_norms = 0
+    fast_math_layers = fast_attention_layers = recompute_swiglu_layers = deferred_norms = 0
     if path == "quantized":
         converted = 0
         out_dtype = _quantized_dtype(model)
@@ -80,9 +81,10 @@ def apply_compute_path(
             # Norms and other dense weights follow, so activations stay in one dtype end to end.
             model.apply(lambda a: a.astype(out_dtype) if mx.issubdtype(a.dtype, mx.floating) else a)
         if fast_math and mx.default_device() == mx.cpu:
-            from farense.fast_math import use_fast_math  # mlx's CPU exp is scalar: farense.fast_math says why
+            from farense.fast_math import use_fast_math, uses_fast_attention  # mlx's CPU exp is scalar: see there
 
             fast_math_layers = use_fast_math(model)
+            fast_attention_layers = uses_fast_attention(model)
     else:
         from farense.fast_math import use_swiglu  # only its MLP swap: the exp there is for the CPU
 
@@ -100,6 +102,7 @@ def apply_compute_path(
         "dtype": _dtype_name(out_dtype),
         "base_weight_bytes": int(weight_bytes),
         "fast_math_layers": fast_math_layers,
+        "fast_attention_layers": fast_attention_layers,
         "recompute_swiglu_layers": recompute_swiglu_layers,
         "deferred_norms": deferred_norms,
         "low_memory": bool(low_memory and path == "recompute"),
@@ -392,7 +395,7 @@ def _use_cuda_dequant(w, bits, mode, dtype) -> bool:
         and dtype in (mx.bfloat16, mx.float16)
         and w.ndim == 2
         and mx.default_device() == mx.gpu
-        and _cuda_available()
+        and cuda_available()
     )
 
 
@@ -422,7 +425,8 @@ def _rows(a: mx.array) -> mx.array:
     return a.reshape(-1, a.shape[-1])
 
 
-def _cuda_available() -> bool:
+def cuda_available() -> bool:
+    """Whether MLX computes on a CUDA GPU here."""
     cuda = getattr(mx, "cuda", None)
     if cuda is not None and cuda.is_available():
         return True

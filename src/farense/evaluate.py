@@ -1,9 +1,11 @@
 """Validation stage: is the tuned adapter better than the base model, measured on data it did not train on.
 
 Two measures, each for base and tuned: the loss (and perplexity) on the validation split, computed exactly as the
-trainer computes it, and greedy answers to the held-out questions scored by token F1 against reference answers.
-The adapter evaluated is copied into this stage's folder and loaded with mlx-lm's own adapter loader, so what is
-measured is what `mlx_lm.generate --adapter-path` and the export stage will serve.
+trainer computes it (and taken from the trainer's own validations, at step 0 and at the adapter's step, when they
+are that same measurement: two passes over the split saved, about 50 s on 2 CPU cores), and greedy answers to
+the held-out questions scored for fact accuracy and declines (farense.fact_scoring) and by token F1. The adapter
+evaluated is copied into this stage's folder and loaded with mlx-lm's own adapter loader, so what is measured is what
+`mlx_lm.generate --adapter-path` and the export stage will serve.
 """
 
 from __future__ import annotations
@@ -137,15 +139,23 @@ def select_adapter(train_dir: Path, dest: Path, which: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- measures
 
 
-def validation_loss(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: FarenseConfig) -> dict[str, Any]:
-    """Token-weighted loss over the validation split, with the trainer's tokenization, masking and truncation."""
+def validation_loss(
+    model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: FarenseConfig,
+    measured: tuple[float, str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Token-weighted loss over the validation split, with the trainer's tokenization, masking and truncation.
+    `measured` is (loss, where) when the train stage already computed this very loss (`losses_from_training`)."""
     from farense.train import drop_unlearnable, evaluate, tokenize_rows
 
     examples, skipped = drop_unlearnable(
         tokenize_rows(rows, tokenizer, cfg.train.mask_prompt), cfg.train.max_seq_length
     )
     start = time.perf_counter()
-    loss = evaluate(model, examples, cfg.train.batch_size, cfg.train.max_seq_length, cfg.eval.max_batches)
+    if measured is None:
+        loss = evaluate(model, examples, cfg.train.batch_size, cfg.train.max_seq_length, cfg.eval.max_batches)
+        source = "validate stage"
+    else:
+        loss, source = measured
     batches = math.ceil(len(examples) / cfg.train.batch_size)
     return {
         "val_loss": loss,
@@ -154,7 +164,28 @@ def validation_loss(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, A
         "batches": min(batches, cfg.eval.max_batches) if cfg.eval.max_batches > 0 else batches,
         "skipped_too_long": skipped,
         "seconds": round(time.perf_counter() - start, 3),
+        "measured_by": source,
     }
+
+
+def losses_from_training(train_dir: Path, cfg: FarenseConfig, adapter_file: str) -> dict[str, tuple[float, str]]:
+    """The validation losses the train stage already measured that are the ones this stage would measure: the
+    base model's (its step-0 validation) and the evaluated adapter's (the validation at that adapter's step), as
+    {"base" | "tuned": (loss, where)}. The same split, batches, truncation and masking (the trainer's `evaluate`);
+    only the summation order differs when training ran as several processes (about 1e-7 relative). Empty when the
+    validation batches differ (`train.max_eval_batches` against `eval.max_batches`) or the run did not validate
+    there; each missing loss is then computed here (a pass over the split: about 25 s on 2 CPU cores)."""
+    from farense.checkpoint import STATE
+    from farense.train import read_metrics
+
+    metrics, state_file = train_dir / "metrics.csv", train_dir / STATE
+    if cfg.train.max_eval_batches != cfg.eval.max_batches or not metrics.is_file() or not state_file.is_file():
+        return {}
+    state = json.loads(state_file.read_text())
+    step = state.get("best_step") if adapter_file == "best_adapters.safetensors" else state.get("step")
+    measured = {int(r["step"]): r["loss"] for r in read_metrics(metrics) if r["kind"] == "valid"}
+    found = {"base": 0, "tuned": step}
+    return {name: (measured[s], f"train stage, step {s}") for name, s in found.items() if s in measured}
 
 
 @dataclass
@@ -260,13 +291,15 @@ def validate_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         reporter.log(f"validate: no held-out questions at {qpath}; only the validation loss is measured")
 
     model, tokenizer, compute = load_base(model_dir, cfg.train.compute_path)
+    measured = losses_from_training(train_dir, cfg, adapter["file"])
     results: dict[str, dict[str, Any]] = {}
     answers: dict[str, list[dict[str, Any]]] = {}
     for i, name in enumerate(("base", "tuned")):
         if name == "tuned":
             model = attach_adapter(model, out / ADAPTER_DIR)
-        loss = validation_loss(model, tokenizer, valid_rows, cfg)
-        reporter.progress(f"validate: {name} validation loss {loss['val_loss']:.4f}", (2 * i + 1) / 4)
+        loss = validation_loss(model, tokenizer, valid_rows, cfg, measured.get(name))
+        reporter.progress(f"validate: {name} validation loss {loss['val_loss']:.4f} ({loss['measured_by']})",
+                          (2 * i + 1) / 4)  # fmt: skip
         answers[name], seconds = answer_questions(
             model, tokenizer, questions, system_prompt, cfg.eval.max_tokens, cfg.eval.batch_size
         )

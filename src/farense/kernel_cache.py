@@ -20,24 +20,17 @@ import atexit
 import os
 import shutil
 import socket
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 
+from farense.compute import cuda_available
 from farense.store import pid_alive
 
 SHARED_ENV = "FARENSE_KERNEL_CACHE"  # the shared folder; inherited by worker processes
 OWNER_ENV = "FARENSE_KERNEL_CACHE_PID"  # the process whose private folder MLX_PTX_CACHE_DIR names
 PRIVATE_DIR = ".proc"
 _MODULE_MARK = ".ptx"  # MLX treats a module as cached when this file exists
-
-
-def _cuda() -> bool:
-    cuda = getattr(mx, "cuda", None)
-    if cuda is not None and cuda.is_available():
-        return True
-    return sys.platform.startswith("linux") and mx.default_device() == mx.gpu
 
 
 def use_kernel_cache(folder: os.PathLike | str, private: bool | None = None) -> str:
@@ -53,7 +46,7 @@ def use_kernel_cache(folder: os.PathLike | str, private: bool | None = None) -> 
     if own == str(os.getpid()):
         return os.environ["MLX_PTX_CACHE_DIR"]
     shared = Path(os.environ.get(SHARED_ENV) or Path(folder) / f"mlx-{mx.__version__}")
-    if not (_cuda() if private is None else private):
+    if not (cuda_available() if private is None else private):
         os.environ["MLX_PTX_CACHE_DIR"] = str(shared)
         return str(shared)
     mine = private_folder(shared)
@@ -65,11 +58,13 @@ def use_kernel_cache(folder: os.PathLike | str, private: bool | None = None) -> 
 def _modules(folder: Path) -> dict[str, list[Path]]:
     """Complete modules under `folder` (outside .proc): stem -> its files, for stems whose .ptx exists."""
     files: dict[str, list[Path]] = {}
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder)
-        if rel.parts[0] == PRIVATE_DIR or rel.name.startswith(".tmp-") or not path.is_file():
-            continue
-        files.setdefault(str(rel.with_suffix("")), []).append(rel)
+    for top, dirs, names in os.walk(folder):
+        if Path(top) == folder and PRIVATE_DIR in dirs:
+            dirs.remove(PRIVATE_DIR)  # other processes' private folders: not walked
+        for name in names:
+            rel = (Path(top) / name).relative_to(folder)
+            if not name.startswith(".tmp-"):
+                files.setdefault(str(rel.with_suffix("")), []).append(rel)
     return {stem: rels for stem, rels in files.items() if any(r.suffix == _MODULE_MARK for r in rels)}
 
 
