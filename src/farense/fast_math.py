@@ -117,8 +117,9 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     """`mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask="causal")` (q: B, H, L, D; k, v: B, KV, L,
     D; scale q first) with this module's exp in the softmax. On the CPU mlx's own takes the scalar exp and, in the
     backward pass, the autodiff of its unfused graph; this vjp recomputes the probabilities from q and k (as flash
-    attention does) and applies the softmax's gradient directly. SmolLM2's shape at 4 x 128 on one core: forward
-    and backward 12.8 against 17.4 ms a layer (`benchmarks/fast_math.py`)."""
+    attention does) and applies the softmax's gradient directly. A training step of the embedded model at 4 x 127,
+    alternating with one that keeps mlx's attention (`benchmarks/fast_math.py --only train_step`, 2026-11-28):
+    3.165 against 3.221 s on one OpenBLAS thread, 1.987 against 2.054 s on two."""
     p, _ = _causal_softmax(q, k)
     return (p @ v).reshape(q.shape)
 
@@ -137,7 +138,7 @@ def _attention_call(self: nn.Module, x: mx.array, mask: Any = None, cache: Any =
     """mlx-lm llama Attention.__call__, with causal_attention where the whole sequence attends causally at once (a
     training step, a validation loss); with a cache or a mask array (answering) it is mlx-lm's own."""
     if cache is not None or not (isinstance(mask, str) and mask == "causal"):
-        return super(type(self), self).__call__(x, mask=mask, cache=cache)
+        return self.mlx_lm_call(x, mask=mask, cache=cache)
     b, length, _ = x.shape
     q = self.q_proj(x).reshape(b, length, self.n_heads, -1).transpose(0, 2, 1, 3)
     k = self.k_proj(x).reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -193,9 +194,7 @@ def use_fast_attention(model: nn.Module) -> int:
     llama = sys.modules.get("mlx_lm.models.llama")
     if llama is None:
         return 0
-    if "FastMathAttention" not in _swapped_classes:
-        _swapped_classes["FastMathAttention"] = type("FastMathAttention", (llama.Attention,), {"__call__": _attention_call})
-    cls = _swapped_classes["FastMathAttention"]
+    cls = _fast_attention_class(llama.Attention)
     swapped = 0
     for _, m in model.named_modules():
         if type(m) is llama.Attention:
@@ -204,8 +203,16 @@ def use_fast_attention(model: nn.Module) -> int:
     return swapped
 
 
+def _fast_attention_class(base: type) -> type:
+    if base not in _swapped_classes:
+        body = {"__call__": _attention_call, "mlx_lm_call": base.__call__}
+        _swapped_classes[base] = type("FastMathAttention", (base,), body)
+    return _swapped_classes[base]
+
+
 def uses_fast_attention(model: nn.Module) -> int:
-    return sum(type(m).__name__ == "FastMathAttention" for _, m in model.named_modules())
+    """How many of the model's attentions take causal_attention."""
+    return sum(getattr(type(m), "__call__", None) is _attention_call for _, m in model.named_modules())
 
 
 def uses_fast_math(model: nn.Module) -> bool:
