@@ -28,7 +28,7 @@ import mlx.core as mx  # noqa: E402
 import psutil  # noqa: E402
 
 from benchmarks.scratch_train import train_stage_in_scratch  # noqa: E402
-from farense.blas import blas_status  # noqa: E402
+from farense.blas import blas_core, blas_status  # noqa: E402
 from farense.checkpoint import TrainState  # noqa: E402
 from farense.config import load_config, parse_override  # noqa: E402
 from farense.stages import run_local  # noqa: E402
@@ -46,7 +46,7 @@ from farense.train import (  # noqa: E402
 
 
 def emit(**row: object) -> None:
-    row |= {"machine": platform.machine(), "blas": blas_status(), "mlx": mx.__version__}
+    row |= {"machine": platform.machine(), "blas": blas_status(), "blas_core": blas_core(), "mlx": mx.__version__}
     print(json.dumps(row), flush=True)
 
 

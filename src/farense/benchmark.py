@@ -232,7 +232,7 @@ def _release() -> None:
 
 def benchmark_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     """Measure LoRA vs QLoRA and base vs tuned; write comparison_results.json, a table and two PNGs."""
-    from farense.blas import blas_status
+    from farense.blas import blas_core, blas_status
     from farense.plots import plot_comparison, plot_loss_curves
 
     data_dir, model_dir, train_dir, valid_dir = (Path(ctx.upstream[s]) for s in ("data", "model", "train", "validate"))
@@ -292,7 +292,7 @@ def benchmark_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         "questions": val.get("questions"),
         "pipeline_compute_path": train_manifest.get("summary", {}).get("compute_path"),
         "settings": {**b.model_dump(mode="json"), "prompt": question, "system_prompt": system_prompt},
-        "environment": _environment(blas_status()),
+        "environment": _environment(blas_status()) | {"blas_core": blas_core()},
         "seconds": round(time.perf_counter() - started, 2),
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False))

@@ -428,7 +428,7 @@ def steps_for(tcfg: TrainConfig, n_batches: int, accum: int) -> int:
 
 def train_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     """Train adapters on the data stage's splits over the model stage's 4-bit base, resuming from ctx.work_dir."""
-    from farense.blas import blas_status, warn_if_slow_blas
+    from farense.blas import blas_core, blas_status, warn_if_slow_blas
 
     tcfg = cfg.train
     processes = distributed.requested_processes(tcfg)
@@ -522,6 +522,7 @@ def train_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         "peak_gb": round(result.peak_gb, 3),
         "resumed_from_step": None if resume_from is None else int(resume_from.name.split("-")[1]),
         "blas": blas_status(),
+        "blas_core": blas_core(),
         "device": str(mx.default_device()),
         "processes": group.size(),
         **compute,
