@@ -1,8 +1,10 @@
 """The card's measured bf16 matrix-product rate (the MFU denominator): torch, and MLX where it is installed.
 
     python benchmarks/gemm_rate.py            # 8192^3 bf16 on random data, median of 20 after 5 warm-ups
+    python benchmarks/gemm_rate.py --cpu      # float32 through MLX's CPU matmul (OpenBLAS) at SmolLM2's shapes
 
-Prints one JSON line with TFLOP/s per library.
+Prints one JSON line with TFLOP/s per library (with --cpu: GFLOP/s per shape, and the OpenBLAS kernels that ran;
+OPENBLAS_NUM_THREADS sets the threads, one per training process in the default CPU run).
 """
 
 from __future__ import annotations
@@ -48,7 +50,41 @@ def mlx_rate(n: int, repeats: int = 20) -> float:
     return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
 
 
+# (rows, inner, columns) of the training step's matmuls for SmolLM2-135M at 4 x 128 tokens: k/v, q/o, gate/up,
+# down, and the lm_head at about half the positions (the prompt-masked loss)
+CPU_SHAPES = ((512, 576, 192), (512, 576, 576), (512, 576, 1536), (512, 1536, 576), (256, 576, 49152))
+
+
+def cpu_rates(repeats: int = 20) -> dict[str, float]:
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src"))
+    import farense  # noqa: F401  (OpenBLAS before mlx)
+    import mlx.core as mx
+
+    rates = {}
+    for m, k, n in CPU_SHAPES:
+        a, b = mx.random.normal((m, k)), mx.random.normal((k, n))
+        mx.eval(a, b)
+        for _ in range(3):
+            mx.eval(a @ b)
+        times = []
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            mx.eval(a @ b)
+            times.append(time.perf_counter() - tic)
+        rates[f"{m}x{k}x{n}"] = round(2 * m * k * n / sorted(times)[len(times) // 2] / 1e9, 1)
+    return rates
+
+
 def main() -> int:
+    if "--cpu" in sys.argv:
+        import os
+
+        rates = cpu_rates()
+        from farense.blas import blas_core, blas_status
+
+        print(json.dumps({"bench": "gemm_rate", "dtype": "float32", "gflops": rates, "blas": blas_status(),
+                          "blas_core": blas_core(), "threads": os.environ.get("OPENBLAS_NUM_THREADS")}), flush=True)
+        return 0
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 8192
     out = {"bench": "gemm_rate", "n": n, "dtype": "bfloat16"}
     for name, fn in (("torch_tflops", torch_rate), ("mlx_tflops", mlx_rate)):
