@@ -2,6 +2,7 @@
 
     python benchmarks/gemm_rate.py            # 8192^3 bf16 on random data, median of 20 after 5 warm-ups
     python benchmarks/gemm_rate.py --cpu      # float32 through MLX's CPU matmul (OpenBLAS) at SmolLM2's shapes
+    python benchmarks/gemm_rate.py --cpu --check   # and MLX's CPU matmul against float64 NumPy on 432 cases
 
 Prints one JSON line with TFLOP/s per library (with --cpu: GFLOP/s per shape, and the OpenBLAS kernels that ran;
 OPENBLAS_NUM_THREADS sets the threads, one per training process in the default CPU run).
@@ -75,6 +76,27 @@ def cpu_rates(repeats: int = 20) -> dict[str, float]:
     return rates
 
 
+def cpu_check() -> float:
+    """The largest error of MLX's CPU matmul against float64 NumPy, relative to max|a| max|b| k, over 144 shapes
+    (odd and even, down to one row or column) times three layouts (plain, a transposed, b transposed)."""
+    import itertools
+
+    import mlx.core as mx
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for m, k, n in itertools.product([1, 3, 17, 64, 127, 512], [5, 64, 576, 1536], [1, 7, 192, 576, 1536, 4099]):
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        for a_t, b_t in ((False, False), (True, False), (False, True)):
+            x = mx.array(a.T.copy()).T if a_t else mx.array(a)
+            y = mx.array(b.T.copy()).T if b_t else mx.array(b)
+            err = np.abs(np.array(x @ y) - a.astype(np.float64) @ b.astype(np.float64)).max()
+            worst = max(worst, float(err / (np.abs(a).max() * np.abs(b).max() * k)))
+    return worst
+
+
 def main() -> int:
     if "--cpu" in sys.argv:
         import os
@@ -82,8 +104,11 @@ def main() -> int:
         rates = cpu_rates()
         from farense.blas import blas_core, blas_status
 
-        print(json.dumps({"bench": "gemm_rate", "dtype": "float32", "gflops": rates, "blas": blas_status(),
-                          "blas_core": blas_core(), "threads": os.environ.get("OPENBLAS_NUM_THREADS")}), flush=True)
+        out = {"bench": "gemm_rate", "dtype": "float32", "gflops": rates, "blas": blas_status(),
+               "blas_core": blas_core(), "threads": os.environ.get("OPENBLAS_NUM_THREADS")}  # fmt: skip
+        if "--check" in sys.argv:
+            out["max_relative_error"] = cpu_check()
+        print(json.dumps(out), flush=True)
         return 0
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 8192
     out = {"bench": "gemm_rate", "n": n, "dtype": "bfloat16"}
