@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def torch_rate(n: int, repeats: int = 20) -> float:
@@ -57,22 +58,19 @@ CPU_SHAPES = ((512, 576, 192), (512, 576, 576), (512, 576, 1536), (512, 1536, 57
 
 
 def cpu_rates(repeats: int = 20) -> dict[str, float]:
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src"))
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(root / "src"), str(root)]
     import farense  # noqa: F401  (OpenBLAS before mlx)
     import mlx.core as mx
+
+    from benchmarks.step_profile import median_seconds
 
     rates = {}
     for m, k, n in CPU_SHAPES:
         a, b = mx.random.normal((m, k)), mx.random.normal((k, n))
-        mx.eval(a, b)
-        for _ in range(3):
-            mx.eval(a @ b)
-        times = []
-        for _ in range(repeats):
-            tic = time.perf_counter()
-            mx.eval(a @ b)
-            times.append(time.perf_counter() - tic)
-        rates[f"{m}x{k}x{n}"] = round(2 * m * k * n / sorted(times)[len(times) // 2] / 1e9, 1)
+        mx.eval(a, b, a @ b, a @ b)  # two warm-ups, and median_seconds runs a third
+        seconds = median_seconds(lambda a=a, b=b: a @ b, repeats)
+        rates[f"{m}x{k}x{n}"] = round(2 * m * k * n / seconds / 1e9, 1)
     return rates
 
 

@@ -1,6 +1,6 @@
 """Does the tuned model give its own training answers back? One JSON line (a benchmark, not a test).
 
-    python benchmarks/train_recall.py                      # the latest built stages under artifacts/
+    python benchmarks/train_recall.py                      # the newest train stage under artifacts/, its inputs
     python benchmarks/train_recall.py --sample 300 --artifacts /tmp/clone/artifacts
 
 Answers a random sample of the data stage's single-exchange training questions with the train stage's adapter,
@@ -25,13 +25,20 @@ import farense  # noqa: E402,F401  (OpenBLAS before mlx)
 
 from farense.evaluate import answer_batch, attach_adapter, chat_prompt, load_base  # noqa: E402
 from farense.fact_scoring import is_decline  # noqa: E402
+from farense.store import ArtifactStore  # noqa: E402
 
 
-def latest_stage(artifacts: Path, stage: str) -> Path:
-    built = [p for p in (artifacts / stage).iterdir() if (p / "manifest.json").exists()]
-    if not built:
-        raise SystemExit(f"no built {stage} stage under {artifacts / stage}: run `farense run` first")
-    return max(built, key=lambda p: (p / "manifest.json").stat().st_mtime)
+def newest_train_and_inputs(artifacts: Path) -> tuple[Path, Path, Path]:
+    """The newest finished train stage and the data and model stages it was trained from (its manifest's inputs)."""
+    store = ArtifactStore(artifacts)
+    trained = store.others("train", key="")  # every finished train stage, newest first
+    if not trained:
+        raise SystemExit(f"no finished train stage under {store.stage_dir('train')}: run `farense run` first")
+    inputs = trained[0].manifest["inputs"]
+    data, model = (store.get(stage, inputs[stage]) for stage in ("data", "model"))
+    if data is None or model is None:
+        raise SystemExit(f"the inputs of {trained[0].path} are no longer under {artifacts}: {inputs}")
+    return trained[0].path, data.path, model.path
 
 
 def main() -> None:
@@ -44,7 +51,7 @@ def main() -> None:
     p.add_argument("--show", type=int, default=0)
     args = p.parse_args()
 
-    data, model_dir, train = (latest_stage(args.artifacts, s) for s in ("data", "model", "train"))
+    train, data, model_dir = newest_train_and_inputs(args.artifacts)
     pairs = []
     for line in (data / "train.jsonl").read_text(encoding="utf-8").splitlines():
         messages = json.loads(line).get("messages") or []

@@ -292,7 +292,7 @@ def benchmark_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         "questions": val.get("questions"),
         "pipeline_compute_path": train_manifest.get("summary", {}).get("compute_path"),
         "settings": {**b.model_dump(mode="json"), "prompt": question, "system_prompt": system_prompt},
-        "environment": _environment(blas_status()) | {"blas_core": blas_core()},
+        "environment": _environment(blas_status(), blas_core()),
         "seconds": round(time.perf_counter() - started, 2),
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False))
@@ -372,7 +372,7 @@ def _model_name(model_dir: Path) -> str:
         return model_dir.name
 
 
-def _environment(blas: str) -> dict[str, Any]:
+def _environment(blas: str, blas_core: str | None) -> dict[str, Any]:
     versions = {}
     for pkg in ("mlx", "mlx-lm", "mlx-metal", "mlx-cpu", "mlx-cuda"):
         try:
@@ -385,5 +385,6 @@ def _environment(blas: str) -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "blas": blas,
+        "blas_core": blas_core,
         "versions": versions,
     }

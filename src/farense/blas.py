@@ -6,8 +6,9 @@ lookup scope, so libmlx binds to them (measured 160-180 GFLOP/s). No environment
 
 OpenBLAS picks its kernels for the CPU when it loads, unless `OPENBLAS_CORETYPE` names them; `blas_core()` says
 which it runs, and the train summary and benchmark results record it. The kernels decide the speed: on a 2-core
-AMD EPYC (Zen 5) OpenBLAS picks "Cooperlake" (AVX-512), and one-thread sgemm at the model's shapes runs at 194-211
-GFLOP/s, against 107-112 with `OPENBLAS_CORETYPE=Haswell` (AVX2), which that machine's environment sets.
+AMD EPYC (Zen 5) OpenBLAS picks "Cooperlake" (AVX-512), and one-thread sgemm at the model's shapes runs at 221-240
+GFLOP/s, against 122-129 with `OPENBLAS_CORETYPE=Haswell` (AVX2), which that machine's environment sets
+(`benchmarks/gemm_rate.py --cpu`, 2026-11-29).
 """
 
 from __future__ import annotations
