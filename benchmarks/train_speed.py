@@ -7,6 +7,9 @@ Measurements:
   windows: the bare loop on fixed batches of `batch x seq` tokens cut from the sample data (no padding, no prompt
            mask), per compute path; this is the "batch 4 x 128" figure.
   loop:    the bare loop (no callbacks, no checkpoints, no validation) on the data stage's chat split.
+           Both run as the processes the train stage would start (`--processes auto`: `train.devices`, two
+           data-parallel processes of one OpenBLAS thread each on a 2-core CPU), the same global batch split between
+           them; tokens/s counts every process's tokens. `--processes 1` is one process on every core.
   stage:   the pipeline's train stage on the same split and config (callbacks, metrics file, checkpoints).
   profile: where a `windows` step's time goes, per part of the model, with GFLOP/s (benchmarks/step_profile.py).
 Tokens/s counts non-padding tokens per second of loop time; peak_gb is MLX's peak, rss_gb the process RSS.
@@ -16,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +37,7 @@ from benchmarks.scratch_train import train_stage_in_scratch  # noqa: E402
 from farense.blas import blas_core, blas_status  # noqa: E402
 from farense.checkpoint import TrainState  # noqa: E402
 from farense.config import load_config, parse_override  # noqa: E402
+from farense.distributed import launched, local_ring, requested_processes, world  # noqa: E402
 from farense.stages import run_local  # noqa: E402
 from farense.train import (  # noqa: E402
     BatchOrder,
@@ -46,6 +53,8 @@ from farense.train import (  # noqa: E402
 
 
 def emit(**row: object) -> None:
+    if launched() and world().rank() != 0:
+        return  # one line per measurement: rank 0's, whose tokens/s already counts every rank's tokens
     row |= {"machine": platform.machine(), "blas": blas_status(), "blas_core": blas_core(), "mlx": mx.__version__}
     print(json.dumps(row), flush=True)
 
@@ -75,7 +84,8 @@ def bare_loop(cfg, model_dir: Path, examples_fn, steps: int, path: str, label: s
     train_loop(model, optimizer, examples, [], tcfg, state)  # warm-up step (compilation)
     state.total_steps = steps + 1
     result = train_loop(model, optimizer, examples, [], tcfg, state)
-    emit(measure=label, compute_path=compute["compute_path"], padding_share=padding_share(examples, tcfg),
+    emit(measure=label, compute_path=compute["compute_path"], processes=world().size(),
+         openblas_threads=os.environ.get("OPENBLAS_NUM_THREADS"), padding_share=padding_share(examples, tcfg),
          masked_lm_head=tcfg.masked_lm_head, steps=steps, batch=tcfg.batch_size,
          seq=tcfg.max_seq_length, tokens_per_s=round(result.tokens_per_s, 1), seconds=round(result.seconds, 2),
          peak_gb=round(result.peak_gb, 3), rss_gb=round(psutil.Process().memory_info().rss / 1e9, 3))  # fmt: skip
@@ -109,6 +119,25 @@ def profile(cfg, model_dir: Path, examples_fn, steps: int) -> None:  # noqa: ANN
          **out)  # fmt: skip
 
 
+def in_ranks(n: int, only: str) -> None:
+    """Run this script's `only` measurement as `n` data-parallel processes on this host (loopback ring, one
+    OpenBLAS thread per core each, as the train stage starts them: farense.distributed.local_ring); rank 0 prints."""
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # every argument but --only and --processes
+        if not skip and not a.startswith(("--only", "--processes")):
+            argv.append(a)
+        skip = a in ("--only", "--processes")
+    with tempfile.TemporaryDirectory() as work:
+        procs = [subprocess.Popen([sys.executable, __file__, *argv, "--only", only, "--processes", str(n)],
+                                  env=os.environ | env, stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL)
+                 for r, env in enumerate(local_ring(n, Path(work)))]  # fmt: skip
+        out = procs[0].communicate()[0]
+        codes = [p.wait() for p in procs]
+    sys.stdout.write(out.decode())
+    if any(codes):
+        sys.exit(f"{only} in {n} processes failed: exit codes {codes}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=None)
@@ -119,6 +148,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="config override for every measurement, e.g. train.masked_lm_head=false")
     ap.add_argument("--only", choices=["windows", "loop", "stage", "profile"], default=None)
+    ap.add_argument("--processes", default="auto", help="processes for `windows` and `loop`: auto (train.devices) or N")
     args = ap.parse_args()
 
     overrides = {"train.batch_size": args.batch, "train.grad_accumulation": 1, "train.max_seq_length": args.seq,
@@ -126,7 +156,9 @@ def main() -> None:
                  "train.log_every": 10**6, "train.warmup_steps": 0}  # fmt: skip
     overrides |= dict(parse_override(text) for text in args.set)
     cfg = load_config(args.config, overrides, root=ROOT)
-    built = run_local(cfg, until="model")
+    built = run_local(cfg, until="model")  # before any ranks look for it
+    processes = requested_processes(cfg.train) if args.processes == "auto" else int(args.processes)
+    in_ranks_here = processes > 1 and not launched()
     data_dir, model_dir = Path(built["data"]["path"]), Path(built["model"]["path"])
 
     def stream_windows(tokenizer, tcfg):  # noqa: ANN001, ANN202
@@ -141,11 +173,15 @@ def main() -> None:
     if args.only == "profile":
         profile(cfg, model_dir, stream_windows, args.steps)
         return
-    if args.only in (None, "windows"):
+    if args.only in (None, "windows") and in_ranks_here:
+        in_ranks(processes, "windows")
+    elif args.only in (None, "windows"):
         for path in args.paths.split(","):
             steps = args.steps if path != "quantized" else max(2, args.steps // 4)  # the native CPU path is slow
             bare_loop(cfg, model_dir, stream_windows, steps, path, "windows")
-    if args.only in (None, "loop"):
+    if args.only in (None, "loop") and in_ranks_here:
+        in_ranks(processes, "loop")
+    elif args.only in (None, "loop"):
         bare_loop(cfg, model_dir, chat_split, args.steps, cfg.train.compute_path, "loop")
     if args.only in (None, "stage"):
         # Same config as `loop`, plus what the stage adds: metrics file, progress callbacks, checkpoint at the end,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,14 @@ def test_train_speed_profile_times_each_part(tiny_inputs, tmp_path: Path):
     assert {"embedding", "attention", "mlp", "lm_head_loss"} <= set(parts)
     assert all(parts[p]["forward_s"] > 0 and parts[p]["backward_s"] > 0 for p in ("attention", "mlp", "lm_head_loss"))
     assert row["compiled_step_s"] > 0
+
+
+def test_train_speed_runs_the_bare_loop_as_the_stages_processes(tiny_inputs, tmp_path: Path):
+    # --processes 2: two data-parallel ranks over loopback, as the train stage starts them on a CPU; one line
+    # (rank 0's), whose tokens/s counts both ranks' tokens.
+    rows = train_speed_rows(tiny_inputs, tmp_path, "--only", "windows", "--paths", "dequantized", "--processes", "2")
+    (row,) = rows
+    assert row["measure"] == "windows" and row["processes"] == 2 and row["openblas_threads"] == os.environ.get("OPENBLAS_NUM_THREADS", "1")
+    assert row["batch"] == 2 and row["tokens_per_s"] > 0
+    (one,) = train_speed_rows(tiny_inputs, tmp_path, "--only", "windows", "--paths", "dequantized", "--processes", "1")
+    assert one["processes"] == 1

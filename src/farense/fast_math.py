@@ -97,9 +97,9 @@ def _cross_entropy_vjp(primals: Any, cotangent: mx.array, output: mx.array) -> t
     return grad, mx.zeros_like(targets)
 
 
-def _causal_softmax(q: mx.array, k: mx.array) -> tuple[mx.array, mx.array]:
+def _causal_softmax(q: mx.array, k: mx.array) -> mx.array:
     """softmax(q k^T) under a causal mask, with q (B, H, L, D) and k (B, KV, L, D): the probabilities (B, KV, rep L,
-    L) and q grouped by key head (B, KV, rep L, D), rep = H / KV query heads per key head (mlx's grouped layout)."""
+    L) of q grouped by key head, rep = H / KV query heads per key head (mlx's grouped layout)."""
     b, heads, length, dim = q.shape
     grouped = q.reshape(b, k.shape[1], -1, dim)
     scores = (grouped @ k.swapaxes(-1, -2)).reshape(b, k.shape[1], -1, length, length)
@@ -109,26 +109,36 @@ def _causal_softmax(q: mx.array, k: mx.array) -> tuple[mx.array, mx.array]:
     # would be denormals (slow on x86) and would let a position see later ones, however little.
     scores = mx.where(causal, scores, -mx.inf)
     e = mx.where(causal, _exp(scores - scores.max(axis=-1, keepdims=True)), 0.0)
-    return (e / e.sum(axis=-1, keepdims=True)).reshape(grouped.shape[:-1] + (length,)), grouped
+    return (e / e.sum(axis=-1, keepdims=True)).reshape(grouped.shape[:-1] + (length,))
 
 
-@mx.custom_function
 def causal_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     """`mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask="causal")` (q: B, H, L, D; k, v: B, KV, L,
     D; scale q first) with this module's exp in the softmax. On the CPU mlx's own takes the scalar exp and, in the
-    backward pass, the autodiff of its unfused graph; this vjp recomputes the probabilities from q and k (as flash
-    attention does) and applies the softmax's gradient directly. A training step of the embedded model at 4 x 127,
-    alternating with one that keeps mlx's attention (`benchmarks/fast_math.py --only train_step`, 2026-11-28):
-    3.165 against 3.221 s on one OpenBLAS thread, 1.987 against 2.054 s on two."""
-    p, _ = _causal_softmax(q, k)
-    return (p @ v).reshape(q.shape)
+    backward pass, the autodiff of its unfused graph; this one's vjp applies the softmax's gradient directly to the
+    probabilities the forward pass kept. A training step of the embedded model at 4 x 127, alternating with one
+    that keeps mlx's attention (`benchmarks/fast_math.py --only train_step`, 2026-11-28, when the vjp still
+    recomputed the probabilities): 3.165 against 3.221 s on one OpenBLAS thread, 1.987 against 2.054 s on two."""
+    return _attention_and_probabilities(q, k, v)[0]
 
 
-@causal_attention.vjp
-def _causal_attention_vjp(primals: Any, cotangent: mx.array, output: mx.array) -> tuple[mx.array, ...]:
+@mx.custom_function
+def _attention_and_probabilities(q: mx.array, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+    """causal_attention's output and its probabilities (B, KV, rep L, L), which the vjp takes as they are. Keeping
+    them costs B x H x L x L floats a layer (2.4 MB at 4 x 128 for SmolLM2), as mlx's unfused attention keeps them
+    too; recomputing them from q and k (as flash attention does on a GPU) made one layer's compiled forward and
+    backward pass at 4 x 128 take 16.0 instead of 10.9 ms on two OpenBLAS threads, 18.0 instead of 12.5 on one,
+    for the same gradients bit for bit (2026-11-29)."""
+    p = _causal_softmax(q, k)
+    return (p @ v).reshape(q.shape), p
+
+
+@_attention_and_probabilities.vjp
+def _attention_vjp(primals: Any, cotangents: Any, outputs: Any) -> tuple[mx.array, ...]:
     q, k, v = primals
-    p, grouped = _causal_softmax(q, k)
-    d_out = cotangent.reshape(grouped.shape)
+    output, p = outputs
+    grouped = q.reshape(p.shape[:-1] + q.shape[-1:])
+    d_out = cotangents[0].reshape(grouped.shape)
     d_v = p.swapaxes(-1, -2) @ d_out
     d_scores = p * (d_out @ v.swapaxes(-1, -2) - (d_out * output.reshape(grouped.shape)).sum(axis=-1, keepdims=True))
     return (d_scores @ k).reshape(q.shape), d_scores.swapaxes(-1, -2) @ grouped, d_v
