@@ -185,19 +185,20 @@ def main() -> None:
         bare_loop(cfg, model_dir, chat_split, args.steps, cfg.train.compute_path, "loop")
     if args.only in (None, "stage"):
         # Same config as `loop`, plus what the stage adds: metrics file, progress callbacks, checkpoint at the end,
-        # validation at the start and end. One warm-up step first, as for the loop.
-        # Train rows are logged in 4 windows; the first holds the compilation, the others are the steady figure.
-        log_every = max(1, (args.steps + 1) // 4)
+        # validation at the start and end. The loop times steps 2 to N+1 after a warm-up step that holds the
+        # compilation; the stage logs every step, and its steady figure is over the same steps (after its first).
         stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": args.steps + 1,
-                                                                                 "log_every": log_every})})
+                                                                                 "log_every": 1})})
         with train_stage_in_scratch(stage_cfg, data_dir, model_dir) as (summary, ctx, wall):
             rows = read_metrics(ctx.out_dir / "metrics.csv")
         # Not `windows`: a local of that name would hide the function from stream_windows above.
-        rates = [round(r["tokens_per_s"], 1) for r in rows if r["kind"] == "train"]
+        train = [r for r in rows if r["kind"] == "train"]
+        first, last = train[0], train[-1]
+        after_first = (last["trained_tokens"] - first["trained_tokens"]) / (last["seconds"] - first["seconds"])
         emit(measure="stage", compute_path=summary["compute_path"], processes=summary.get("processes", 1),
              fast_math_layers=summary.get("fast_math_layers"),
              steps=summary["steps"], batch=args.batch, seq=args.seq, tokens_per_s=summary["tokens_per_s"],
-             windows_tokens_per_s=rates, steady_tokens_per_s=round(sum(rates[1:]) / max(len(rates) - 1, 1), 1),
+             step_tokens_per_s=[round(r["tokens_per_s"], 1) for r in train], steady_tokens_per_s=round(after_first, 1),
              first_valid_s=rows[0]["seconds"] if rows and rows[0]["kind"] == "valid" else None,
              stage_wall_s=round(wall, 2), peak_gb=summary["peak_gb"])  # fmt: skip
 
