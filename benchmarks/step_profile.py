@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from farense import fast_math
+from farense.loss import training_cross_entropy
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -105,7 +105,7 @@ def profile_step(model: nn.Module, batch: mx.array, lengths: mx.array, loss_fn: 
     loss_mask = mx.logical_and(steps_ >= lengths[:, 0:1], steps_ <= lengths[:, 1:])
 
     # The trainer's cross-entropy: fast_math's where the model has its SwiGLU (farense.loss).
-    cross_entropy = fast_math.cross_entropy if fast_math.uses_fast_math(model) else nn.losses.cross_entropy
+    cross_entropy = training_cross_entropy(model)
 
     def head_loss(x: mx.array) -> mx.array:
         logits = _project(model, inner.norm(x))

@@ -38,11 +38,11 @@ from farense.checkpoint import (
 )
 from farense import distributed
 from farense.config import LORA_TARGET_MODULES, FarenseConfig, TrainConfig
-from farense.fast_math import uses_fast_math
+from farense import fast_math
 from farense.memory import estimate_memory_bytes, fit_batch, keep_freed_host_memory, memory_budget_bytes, oom_message
 from farense.batching import BatchOrder, collate, drop_unlearnable, load_jsonl, tokenize_rows  # noqa: F401
 from farense.errors import TrainingError
-from farense.loss import chosen_loss, loss_fn, loss_inputs, use_masked_head  # noqa: F401
+from farense.loss import chosen_loss, loss_fn, loss_inputs, training_cross_entropy, use_masked_head  # noqa: F401
 from farense.store import hash_json
 
 METRIC_FIELDS = (
@@ -444,7 +444,8 @@ def train_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     mx.random.seed(tcfg.seed)
     model, tokenizer, compute = load_for_training(model_dir, tcfg)
     compute["loss"] = "masked-head" if use_masked_head(model, tcfg.masked_lm_head) else "default"
-    compute["cross_entropy"] = "fast_math" if compute["loss"] == "masked-head" and uses_fast_math(model) else "mlx"
+    masked_ce = training_cross_entropy(model) if compute["loss"] == "masked-head" else None
+    compute["cross_entropy"] = "fast_math" if masked_ce is fast_math.cross_entropy else "mlx"
     if compute["compute_path"] != "quantized" and mx.default_device() == mx.cpu:
         warn_if_slow_blas()
     train_set, skipped_train = drop_unlearnable(
