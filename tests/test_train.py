@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -268,6 +269,20 @@ def test_lora_shape_layers_lr_and_logging_follow_the_config(tiny_inputs: dict[st
     assert [r["step"] for r in rows if r["kind"] == "valid"] == [0, 2, 4]
     lrs = [r["learning_rate"] for r in train_rows]
     assert lrs[0] < lrs[1] < lrs[2] < lrs[3] <= 5e-3 * 1.0001, "linear warm-up over 4 steps"
+
+
+def test_schedule_steps_stops_the_run_partway_down_the_cosine(tiny_inputs: dict[str, Path], tmp_path: Path) -> None:
+    common = {"train.max_steps": 4, "train.warmup_steps": 0, "train.learning_rate": 1e-3, "train.log_every": 1}
+    run_train(tiny_inputs, tmp_path / "run", **common)
+    run_train(tiny_inputs, tmp_path / "longer", **common, **{"train.schedule_steps": 8})
+    lrs = {name: [r["learning_rate"] for r in read_metrics(tmp_path / name / "metrics.csv") if r["kind"] == "train"]
+           for name in ("run", "longer")}  # fmt: skip
+    assert len(lrs["run"]) == len(lrs["longer"]) == 4, "the run still takes max_steps steps"
+    # step k (counted from 1) takes the schedule's value after k - 1 updates: a tenth of the peak plus the cosine
+    cosine = lambda k, length: 1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * (k - 1) / length))  # noqa: E731
+    assert lrs["run"] == pytest.approx([cosine(k, 4) for k in range(1, 5)], rel=1e-3)
+    assert lrs["longer"] == pytest.approx([cosine(k, 8) for k in range(1, 5)], rel=1e-3)
+    assert lrs["longer"][-1] > 2 * lrs["run"][-1]
 
 
 def test_weight_decay_and_seed_change_the_result(tiny_inputs: dict[str, Path], tmp_path: Path) -> None:

@@ -74,6 +74,10 @@ class TrainConfig(Section):
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up, in optimizer steps, then cosine decay")
+    schedule_steps: int | None = Field(
+        None, ge=1, description="Length of the warm-up and cosine schedule in optimizer steps; null: the run's steps. "
+        "Longer than the run, the run ends partway down the cosine, at a higher learning rate"
+    )
     max_seq_length: int = Field(512, ge=8)
     max_grad_norm: float | None = Field(
         None, gt=0, description="Clip the gradient's global norm to this before each optimizer step; null: no clipping"

@@ -197,8 +197,10 @@ def adapter_config(cfg: FarenseConfig, num_layers: int) -> dict[str, Any]:
 
 
 def build_optimizer(tcfg: TrainConfig, total_steps: int) -> optim.Optimizer:
-    """AdamW, linear warm-up then cosine decay to a tenth of the peak (schedules count optimizer steps)."""
+    """AdamW, linear warm-up then cosine decay to a tenth of the peak (schedules count optimizer steps) over the
+    run's `total_steps`, or over `train.schedule_steps` where set."""
     lr = tcfg.learning_rate
+    total_steps = tcfg.schedule_steps or total_steps
     warmup = min(tcfg.warmup_steps, max(total_steps - 1, 0))
     decay = optim.cosine_decay(lr, max(total_steps - warmup, 1), end=lr * 0.1)
     schedule = optim.join_schedules([optim.linear_schedule(lr * 1e-3, lr, warmup), decay], [warmup]) if warmup else decay
