@@ -285,6 +285,14 @@ def test_schedule_steps_stops_the_run_partway_down_the_cosine(tiny_inputs: dict[
     assert lrs["longer"][-1] > 2 * lrs["run"][-1]
 
 
+def test_linear_decay_to_zero_follows_the_config(tiny_inputs: dict[str, Path], tmp_path: Path) -> None:
+    run_train(tiny_inputs, tmp_path / "run", **{"train.max_steps": 4, "train.warmup_steps": 0, "train.log_every": 1,
+                                                "train.learning_rate": 1e-3, "train.lr_decay": "linear",
+                                                "train.final_lr_fraction": 0.0})  # fmt: skip
+    lrs = [r["learning_rate"] for r in read_metrics(tmp_path / "run" / "metrics.csv") if r["kind"] == "train"]
+    assert lrs == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4], rel=1e-3)  # step k takes the value after k - 1 updates
+
+
 def test_weight_decay_and_seed_change_the_result(tiny_inputs: dict[str, Path], tmp_path: Path) -> None:
     base = {"train.max_steps": 2}
     run_train(tiny_inputs, tmp_path / "a", **base)

@@ -197,12 +197,17 @@ def adapter_config(cfg: FarenseConfig, num_layers: int) -> dict[str, Any]:
 
 
 def build_optimizer(tcfg: TrainConfig, total_steps: int) -> optim.Optimizer:
-    """AdamW, linear warm-up then cosine decay to a tenth of the peak (schedules count optimizer steps) over the
-    run's `total_steps`, or over `train.schedule_steps` where set."""
+    """AdamW, linear warm-up then cosine (or linear: `train.lr_decay`) decay to `train.final_lr_fraction` of the
+    peak (a tenth by default), over the run's `total_steps` or `train.schedule_steps` where set (schedules count
+    optimizer steps)."""
     lr = tcfg.learning_rate
     total_steps = tcfg.schedule_steps or total_steps
     warmup = min(tcfg.warmup_steps, max(total_steps - 1, 0))
-    decay = optim.cosine_decay(lr, max(total_steps - warmup, 1), end=lr * 0.1)
+    end, length = lr * tcfg.final_lr_fraction, max(total_steps - warmup, 1)
+    if tcfg.lr_decay == "linear":
+        decay = optim.linear_schedule(lr, end, length)
+    else:
+        decay = optim.cosine_decay(lr, length, end=end)
     schedule = optim.join_schedules([optim.linear_schedule(lr * 1e-3, lr, warmup), decay], [warmup]) if warmup else decay
     return optim.AdamW(learning_rate=schedule, weight_decay=tcfg.weight_decay)
 
