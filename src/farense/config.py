@@ -73,12 +73,12 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.01, ge=0)
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set")
-    warmup_steps: int = Field(100, ge=0, description="Linear warm-up, in optimizer steps, then cosine decay")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up, in optimizer steps, then the decay (lr_decay)")
     lr_decay: Literal["cosine", "linear"] = Field("cosine", description="Decay after the warm-up")
     final_lr_fraction: float = Field(0.1, ge=0, le=1, description="The decay's end, as a fraction of the peak")
     schedule_steps: int | None = Field(
-        None, ge=1, description="Length of the warm-up and cosine schedule in optimizer steps; null: the run's steps. "
-        "Longer than the run, the run ends partway down the cosine, at a higher learning rate"
+        None, ge=1, description="Length of the warm-up and decay schedule in optimizer steps; null: the run's steps. "
+        "Longer than the run, the run ends partway down the decay, at a higher learning rate"
     )
     max_seq_length: int = Field(512, ge=8)
     max_grad_norm: float | None = Field(

@@ -451,8 +451,8 @@ def train_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     mx.random.seed(tcfg.seed)
     model, tokenizer, compute = load_for_training(model_dir, tcfg)
     compute["loss"] = "masked-head" if use_masked_head(model, tcfg.masked_lm_head) else "default"
-    masked_ce = training_cross_entropy(model) if compute["loss"] == "masked-head" else None
-    compute["cross_entropy"] = "fast_math" if masked_ce is fast_math.cross_entropy else "mlx"
+    fast_ce = compute["loss"] == "masked-head" and training_cross_entropy(model) is fast_math.cross_entropy
+    compute["cross_entropy"] = "fast_math" if fast_ce else "mlx"
     if compute["compute_path"] != "quantized" and mx.default_device() == mx.cpu:
         warn_if_slow_blas()
     train_set, skipped_train = drop_unlearnable(
