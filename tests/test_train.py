@@ -293,16 +293,38 @@ def test_linear_decay_to_zero_follows_the_config(tiny_inputs: dict[str, Path], t
     assert lrs == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4], rel=1e-3)  # step k takes the value after k - 1 updates
 
 
-def test_weight_decay_and_seed_change_the_result(tiny_inputs: dict[str, Path], tmp_path: Path) -> None:
+def test_adam_bias_correction_and_beta2_set_the_first_update() -> None:
+    """mlx's AdamW leaves its moments uncorrected by default: the first update is 0.1 g / sqrt(0.001 g^2), about
+    3.16 x the learning rate; corrected it is the learning rate; with beta2 0.99 uncorrected, 0.1 / 0.1 = 1x."""
+    import mlx.nn as nn
+
+    from farense.config import TrainConfig
+    from farense.train import build_optimizer
+
+    def first_update(**over: object) -> float:
+        tcfg = TrainConfig(learning_rate=1e-3, warmup_steps=0, weight_decay=0.0, final_lr_fraction=1.0, **over)
+        layer = nn.Linear(4, 1, bias=False)
+        layer.weight = mx.ones((1, 4))
+        build_optimizer(tcfg, 10).update(layer, {"weight": mx.full((1, 4), 0.5)})
+        return float(1.0 - layer.weight[0, 0].item())
+
+    assert first_update() == pytest.approx(1e-3 * 0.1 / math.sqrt(0.001), rel=1e-4)
+    assert first_update(adam_bias_correction=True) == pytest.approx(1e-3, rel=1e-4)
+    assert first_update(adam_beta2=0.99) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_weight_decay_seed_and_adam_correction_change_the_result(tiny_inputs: dict[str, Path], tmp_path: Path) -> None:
     base = {"train.max_steps": 2}
     run_train(tiny_inputs, tmp_path / "a", **base)
     run_train(tiny_inputs, tmp_path / "b", **base, **{"train.seed": 1})
     run_train(tiny_inputs, tmp_path / "c", **base, **{"train.weight_decay": 0.5})
     run_train(tiny_inputs, tmp_path / "d", **base)
+    run_train(tiny_inputs, tmp_path / "e", **base, **{"train.adam_bias_correction": True})
     a = tmp_path / "a" / "adapters.safetensors"
     assert max_abs_diff(a, tmp_path / "d" / "adapters.safetensors") == 0.0, "same config, same result"
     assert max_abs_diff(a, tmp_path / "b" / "adapters.safetensors") > 0
     assert max_abs_diff(a, tmp_path / "c" / "adapters.safetensors") > 0
+    assert max_abs_diff(a, tmp_path / "e" / "adapters.safetensors") > 0, "the compiled step sees the knob"
 
 
 def test_nan_loss_stops_naming_the_step(

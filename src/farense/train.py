@@ -209,7 +209,10 @@ def build_optimizer(tcfg: TrainConfig, total_steps: int) -> optim.Optimizer:
     else:
         decay = optim.cosine_decay(lr, length, end=end)
     schedule = optim.join_schedules([optim.linear_schedule(lr * 1e-3, lr, warmup), decay], [warmup]) if warmup else decay
-    return optim.AdamW(learning_rate=schedule, weight_decay=tcfg.weight_decay)
+    return optim.AdamW(
+        learning_rate=schedule, betas=[0.9, tcfg.adam_beta2], weight_decay=tcfg.weight_decay,
+        bias_correction=tcfg.adam_bias_correction,
+    )
 
 
 # ---------------------------------------------------------------- the loop
