@@ -92,6 +92,20 @@ def test_defaults_are_the_users_m1_settings() -> None:
     assert (m.bits, m.group_size) == (4, 64)
 
 
+def test_cpu_quality_profile_is_the_default_recipe_for_4_epochs() -> None:
+    """configs/cpu-quality.yaml copies farense.yaml (the YAML has no includes): only the epochs and the step counts
+    that follow them may differ, so a change to the default recipe cannot leave the 4-epoch profile behind."""
+    root = Path(__file__).resolve().parents[1]
+    default = load_config(root / "farense.yaml", root=root).model_dump()
+    quality = load_config(root / "configs/cpu-quality.yaml", root=root).model_dump()
+    assert (quality["train"]["epochs"], default["train"]["epochs"]) == (4, 2)
+    assert quality["train"]["eval_every"] == 2 * default["train"]["eval_every"]  # 664: validations at 0 and the end
+    assert quality["train"]["save_every"] == 2 * default["train"]["save_every"]
+    for field in ("epochs", "eval_every", "save_every"):
+        quality["train"].pop(field), default["train"].pop(field)
+    assert quality == default
+
+
 def test_unknown_and_invalid_fields_name_the_field(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  epochz: 3\n")
