@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 _START = time.time()  # process_to_first_step_s counts from here (interpreter start is ~0.1 s earlier)
@@ -133,6 +134,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-profile", action="store_true",
                    help="instead of timing: memory kept from the forward pass for the backward pass, and the peak")
+    p.add_argument("--prebuild", action="store_true",
+                   help="build each step's graph in a second thread while the device runs the one before")
+    p.add_argument("--trace", type=int, default=0, metavar="STEPS",
+                   help="after timing, run STEPS more steps under a CUPTI trace (torch) and add where the time went")
     p.add_argument("--kernels", action="store_true",
                    help="instead of training: time dequantize kernels and the matmuls of one layer; check the kernel")
     p.add_argument("--out", type=Path, help="also append the JSON lines to this file")
@@ -313,19 +318,32 @@ def run_one(args: argparse.Namespace, path: str) -> dict:
     mx.synchronize()
     mx.clear_cache()
     mx.reset_peak_memory()
+    run_steps = prebuilt_steps(step, state) if args.prebuild else plain_steps(step, state)
     tic = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step(batch, lengths)
-        mx.eval(state, loss)
-        first_loss = first_loss if first_loss is not None else loss.item()
+    losses = run_steps(args.steps, batch, lengths)
+    loss = losses[-1]
+    first_loss = first_loss if first_loss is not None else losses[0]
     mx.synchronize()
     seconds = time.perf_counter() - tic
     peak = mx.get_peak_memory()
+    if args.trace:
+        from kernel_trace import cupti_trace, summarize_kernels
+
+        save = args.out.with_name(f"{args.out.stem}-{path}-trace.json.gz") if args.out else None
+        with cupti_trace(save) as traced:
+            tic_trace = time.perf_counter()
+            run_steps(args.trace, batch, lengths)
+            mx.synchronize()
+            trace_wall = time.perf_counter() - tic_trace
+        result["trace"] = {**summarize_kernels(traced["kernels"], args.trace),
+                           "wall_ms_per_step": round(trace_wall * 1e3 / args.trace, 3)}
 
     result.update({
         "tokens_per_s": round(args.batch * args.seq * args.steps / seconds, 1),
         "peak_gb": round(peak / 1e9, 3),
-        "loss": loss.item(),
+        "loss": loss,
+        "losses": losses,
+        "prebuild": args.prebuild,
         "first_loss": first_loss,
         "process_to_first_step_s": None if first_step_s is None else round(first_step_s, 2),
         "steps": args.steps,
@@ -342,6 +360,51 @@ def run_one(args: argparse.Namespace, path: str) -> dict:
         "env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")},
     })
     return result
+
+
+def plain_steps(step, state):
+    """Each step's graph built, then evaluated to the end, before the next is built."""
+
+    def run(n: int, *batch) -> list[float]:
+        losses = []
+        for _ in range(n):
+            loss = step(*batch)
+            mx.eval(state, loss)
+            losses.append(loss.item())
+        return losses
+
+    return run
+
+
+def prebuilt_steps(step, state):
+    """The next step's graph is built in a second thread while this thread queues the current one for the device
+    (`mx.async_eval` lets go of the GIL), and is queued before this thread waits for the current loss. Building a
+    7B step's graph takes the host tens of milliseconds, during which the device would otherwise wait: MLX queues
+    only about 10 CUDA graphs ahead of the device. Each queue asks for the loss only: a step's optimizer update is
+    then evaluated with the next step, which reads it."""
+    pool = ThreadPoolExecutor(1)
+    stream = mx.default_stream(mx.default_device())  # MLX's streams belong to threads: build on this one's
+
+    def build(*batch):
+        with mx.stream(stream):
+            return step(*batch)
+
+    def run(n: int, *batch) -> list[float]:
+        losses = []
+        loss = step(*batch)
+        upcoming = pool.submit(build, *batch) if n > 1 else None
+        mx.async_eval(loss)
+        for i in range(n):
+            nxt = upcoming.result() if upcoming is not None else None
+            if nxt is not None:
+                upcoming = pool.submit(build, *batch) if i + 2 < n else None
+                mx.async_eval(nxt)
+            losses.append(loss.item())
+            loss = nxt
+        mx.eval(state)
+        return losses
+
+    return run
 
 
 def _median_seconds(fn, repeats: int = 20) -> float:

@@ -323,6 +323,24 @@ def test_benchmark_script_runs_tiny_shape():
     assert result["loss_diff"] < 1e-2
 
 
+def test_prebuilt_steps_train_exactly_like_the_plain_loop():
+    """--prebuild builds step n+1's graph in a second thread while step n runs, and defers each step's update into
+    the next graph: the losses must not change by a bit."""
+    losses = {}
+    for flags in ([], ["--prebuild"]):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "qlora_step.py"), "--shape", "tiny", "--layers", "4",
+             "--steps", "4", "--warmup", "1", "--seq", "32", "--path", "recompute", *flags],
+            capture_output=True, text=True, timeout=300, cwd=ROOT,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["prebuild"] is bool(flags) and len(result["losses"]) == 4
+        losses[bool(flags)] = result["losses"]
+    assert losses[True] == losses[False]
+    assert losses[False][-1] < losses[False][0]  # it trains: not four copies of one loss
+
+
 def test_torch_benchmark_uses_the_same_shapes():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
