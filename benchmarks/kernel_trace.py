@@ -22,8 +22,8 @@ from typing import Any
 CATEGORIES: tuple[tuple[str, str], ...] = (
     ("dequantize", r"dequant"),
     ("quantized_matmul", r"\bqmm|qmv|quantized_matmul|gemv_quant|affine_q"),
+    ("attention", r"softmax|sdpa|attention|flash|fmha|cudnn"),
     ("gemm", r"nvjet|gemm|cutlass|xmma|cublas|sm90_|sm80_|ampere_|hopper_|matmul"),
-    ("attention", r"softmax|sdpa|attention|flash|fmha"),
     ("norm_rope", r"rms_norm|layer_norm|rmsnorm|rope"),
     ("reduce", r"reduce|logsumexp|arg_max|argmax|\bsum\b"),
     ("copy_gather", r"copy|gather|scatter|slice|concat|transpose"),

@@ -1,6 +1,7 @@
 """QLoRA training-step benchmark: tokens/s and peak memory of one compute path on a random-weight llama.
 
     python benchmarks/qlora_step.py --shape mistral-7b --path quantized,recompute --batch 4 --seq 512 --check-loss
+    python benchmarks/qlora_step.py --shape mistral-7b --path recompute --trace 5 --out runs.jsonl   # + kernel trace
 
 Prints one JSON line per path (each path runs in its own process, so peaks don't mix). Needs only mlx and mlx-lm:
 farense.compute is imported from this repository's src/, and farense's package import is stdlib-only.

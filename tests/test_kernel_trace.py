@@ -28,6 +28,8 @@ def kernel_trace():
     ("void mlx::core::cu::affine_dequantize<__nv_bfloat16, 64, 4>(...)", "dequantize"),
     ("void mlx::core::cu::qmm_t<__nv_bfloat16, 64, 4>(...)", "quantized_matmul"),
     ("void mlx::core::cu::softmax<__nv_bfloat16, float, 256, 4, true>(...)", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128_kernel0_0", "attention"),
+    ("void cudnn::fusion::compute_dot_do_o_specialized<true, 128>(...)", "attention"),
     ("void mlx::core::cu::rms_norm<__nv_bfloat16, 256, 8>(...)", "norm_rope"),
     ("void mlx::core::cu::rope_single<__nv_bfloat16, false, false>(...)", "norm_rope"),
     ("void mlx::core::cu::row_reduce_simple<float, float, Sum, 4>(...)", "reduce"),
