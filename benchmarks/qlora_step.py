@@ -40,7 +40,8 @@ from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 from farense.compute import RecomputeLoRALinear, apply_compute_path  # noqa: E402
 from farense.fast_math import use_swiglu  # noqa: E402
 
-from shapes import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from child_argv import without  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from shapes import SHAPES  # noqa: E402
 LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 PATHS = ("quantized", "dequantized", "recompute", "recompute-low-memory", "lora-bf16")
@@ -471,18 +472,6 @@ def emit(result: dict, out: Path | None) -> None:
             f.write(line + "\n")
 
 
-def _without(argv: list[str], *flags: str) -> list[str]:
-    kept, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in flags:
-            skip = True
-        elif not a.startswith(tuple(f + "=" for f in flags)):
-            kept.append(a)
-    return kept
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.kernels:
@@ -495,7 +484,7 @@ def main(argv=None) -> int:
     failed = 0
     argv = list(sys.argv[1:] if argv is None else argv)
     for path in paths:
-        proc = subprocess.run([sys.executable, __file__, *_without(argv, "--path", "--out"), "--path", path],
+        proc = subprocess.run([sys.executable, __file__, *without(argv, "--path", "--out"), "--path", path],
                               capture_output=True, text=True, env=os.environ.copy())
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode == 0 and lines:

@@ -33,6 +33,7 @@ import farense  # noqa: E402,F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 import psutil  # noqa: E402
 
+from benchmarks.child_argv import without  # noqa: E402
 from benchmarks.scratch_train import train_stage_in_scratch  # noqa: E402
 from farense.blas import blas_core, blas_status  # noqa: E402
 from farense.checkpoint import TrainState  # noqa: E402
@@ -122,11 +123,7 @@ def profile(cfg, model_dir: Path, examples_fn, steps: int) -> None:  # noqa: ANN
 def in_ranks(n: int, only: str) -> None:
     """Run this script's `only` measurement as `n` data-parallel processes on this host (loopback ring, one
     OpenBLAS thread per core each, as the train stage starts them: farense.distributed.local_ring); rank 0 prints."""
-    argv, skip = [], False
-    for a in sys.argv[1:]:  # every argument but --only and --processes
-        if not skip and not a.startswith(("--only", "--processes")):
-            argv.append(a)
-        skip = a in ("--only", "--processes")
+    argv = without(sys.argv[1:], "--only", "--processes")
     with tempfile.TemporaryDirectory() as work:
         procs = [subprocess.Popen([sys.executable, __file__, *argv, "--only", only, "--processes", str(n)],
                                   env=os.environ | env, stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL)
