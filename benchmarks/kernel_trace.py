@@ -1,9 +1,9 @@
 """Where a CUDA step's time goes, kernel by kernel: a CUPTI trace of MLX's kernels, taken through torch.profiler.
 
 MLX has no kernel profiler of its own on CUDA. CUPTI records every kernel the process launches, whichever library
-launched it (CUDA-graph nodes included), and PyTorch ships it: `qlora_step.py --trace` runs its timed steps inside
-`cupti_trace()` and adds `summarize_trace()`'s figures to its JSON line. Needs torch on the GPU host only; the
-name-to-category rule is plain Python (tests/test_kernel_trace.py).
+launched it (CUDA-graph nodes included), and PyTorch ships it: `qlora_step.py --trace N` runs N more steps after its
+timed ones inside `cupti_trace()` and adds `summarize_kernels()`'s figures to its JSON line. Needs torch on the GPU
+host only; the name-to-category rule and the sums are plain Python (tests/test_kernel_trace.py).
 """
 
 from __future__ import annotations
@@ -59,14 +59,15 @@ def summarize_kernels(kernels: list[dict[str, Any]], steps: int, top: int = 25) 
     by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     intervals = []
     for k in kernels:
-        dur = float(k["dur"])
-        by_category[kernel_category(k["name"])] += dur
-        calls[kernel_category(k["name"])] += 1
+        dur, category = float(k["dur"]), kernel_category(k["name"])
+        by_category[category] += dur
+        calls[category] += 1
         entry = by_name[k["name"]]
         entry[0] += dur
         entry[1] += 1
         intervals.append((float(k["ts"]), float(k["ts"]) + dur))
     span = (max(e for _, e in intervals) - min(s for s, _ in intervals)) if intervals else 0.0
+    busy = busy_seconds(intervals)
     # Idle gaps, each charged to the kernel that ended it: the one the GPU was waiting for the host to launch.
     waited: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     end_so_far = None
@@ -83,9 +84,9 @@ def summarize_kernels(kernels: list[dict[str, Any]], steps: int, top: int = 25) 
         "steps": steps,
         "kernels_per_step": round(len(kernels) / steps, 1),
         "span_ms_per_step": per_step(span),
-        "busy_ms_per_step": per_step(busy_seconds(intervals)),
+        "busy_ms_per_step": per_step(busy),
         "kernel_ms_per_step": per_step(sum(by_category.values())),
-        "idle_ms_per_step": per_step(span - busy_seconds(intervals)),
+        "idle_ms_per_step": per_step(span - busy),
         "ms_per_step": {c: per_step(us) for c, us in sorted(by_category.items(), key=lambda item: -item[1])},
         "calls_per_step": {c: round(n / steps, 1) for c, n in sorted(calls.items(), key=lambda item: -item[1])},
         "idle_before": [{"name": name[:160], "idle_ms_per_step": per_step(us), "gaps_per_step": round(n / steps, 1)}

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def kernel_trace():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import kernel_trace
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return kernel_trace
+from benchmarks import kernel_trace
 
 
 @pytest.mark.parametrize(("name", "category"), [
@@ -37,16 +24,16 @@ def kernel_trace():
     ("void mlx::core::cu::binary_vv<Multiply, __nv_bfloat16, __nv_bfloat16, 8>(...)", "elementwise"),
     ("mlx::core::cu::SigmoidMultiplyMultiply_contiguous_uint32_t_bfloat16", "elementwise"),
 ])  # fmt: skip
-def test_kernel_names_fall_in_their_category(kernel_trace, name: str, category: str) -> None:
+def test_kernel_names_fall_in_their_category(name: str, category: str) -> None:
     assert kernel_trace.kernel_category(name) == category
 
 
-def test_busy_time_counts_overlapping_kernels_once(kernel_trace) -> None:
+def test_busy_time_counts_overlapping_kernels_once() -> None:
     assert kernel_trace.busy_seconds([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
     assert kernel_trace.busy_seconds([]) == 0
 
 
-def test_summary_is_per_step_and_ranks_kernels_by_time(kernel_trace) -> None:
+def test_summary_is_per_step_and_ranks_kernels_by_time() -> None:
     kernels = []
     for step in range(2):  # steps 105 us apart: a 60 us gemm, a 25 us dequantize, 2 x 5 us elementwise
         t = step * 105.0
@@ -61,7 +48,7 @@ def test_summary_is_per_step_and_ranks_kernels_by_time(kernel_trace) -> None:
     assert s["top"][0]["calls_per_step"] == 1 and s["top"][1]["category"] == "dequantize"
 
 
-def test_idle_gaps_are_charged_to_the_kernel_the_gpu_waited_for(kernel_trace) -> None:
+def test_idle_gaps_are_charged_to_the_kernel_the_gpu_waited_for() -> None:
     kernels = [{"name": "gemm_a", "ts": 0, "dur": 10}, {"name": "small_add", "ts": 4, "dur": 2},
                {"name": "cast", "ts": 15, "dur": 1}, {"name": "small_add", "ts": 20, "dur": 1},
                {"name": "gemm_a", "ts": 21, "dur": 9}]  # fmt: skip
