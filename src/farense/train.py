@@ -231,8 +231,8 @@ class LoopResult:
 
 
 # One compiled graph for gradient and update when there is no accumulation: 4% faster than two graphs for the
-# Mistral-7B shape on an H200 (benchmarks/GPU_RESULTS.md, 2026-11-27), the same on the 2-core CPU. False: two
-# graphs, as with accumulation (tests compare the two).
+# Mistral-7B shape on an H200 (benchmarks/results/GPU_RESULTS.md, 2026-11-27), the same on the 2-core CPU. False:
+# two graphs, as with accumulation (tests compare the two).
 ONE_GRAPH_STEP = True
 
 
