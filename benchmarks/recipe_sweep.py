@@ -4,15 +4,15 @@
     python benchmarks/recipe_sweep.py --config configs/cpu-quick.yaml --name quick --base
 
 Builds (or finds) the data and model stages of the config, then trains the config with the given overrides through
-the pipeline's own train stage, keeping a checkpoint every `train.save_every` steps, and answers the held-out
-questions (data/eval/questions.jsonl) with each checkpoint exactly as the validate stage does (greedy, in batches,
-scored by src/farense/fact_scoring.py). One JSON line per checkpoint: step, epochs seen, validation loss where the
-trainer measured one, fact accuracy, live-information declines, facts wrongly declined, decline precision, and
-the training tokens/s. `--base` adds a line for the untuned base. Every checkpoint's answers go to
-`--out/NAME/answers-step-N.jsonl`.
+the pipeline's own train stage, keeping a checkpoint every `train.save_every` steps, and answers the dev questions
+(`data.dev_questions`, data/eval/dev.jsonl; never the sealed test set) with each checkpoint exactly as the validate
+stage does (greedy, in batches, scored by src/farense/fact_scoring.py). One JSON line per checkpoint: step, epochs
+seen, validation loss where the trainer measured one, fact accuracy (overall and indirect), wrong declines,
+contradictions, live declines, off-topic redirects, and the training tokens/s. `--base` adds a line for the untuned
+base. Every checkpoint's answers go to `--out/NAME/answers-step-N.jsonl`.
 
-The held-out questions are a quality measure: picking a recipe by them is tuning on them, so a figure from this
-sweep is a best case; docs/quality.md says which recipe was chosen this way.
+Choosing a recipe by the dev questions is what they are for; the figure to report is the validate stage's on the
+sealed test set, which no sweep reads.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from farense.evaluate import (  # noqa: E402
     most_common_system_prompt,
     qa_summary,
 )
-from farense.fact_scoring import load_questions  # noqa: E402
+from farense.eval_questions import load_questions  # noqa: E402
+from farense.fact_scoring import SCORER_VERSION  # noqa: E402
 from farense.stages import run_local  # noqa: E402
 from farense.train import read_metrics  # noqa: E402
 
@@ -58,9 +59,10 @@ def score(model_dir: Path, adapter_dir: Path | None, questions, system_prompt, c
     scored, seconds = answer_questions(model, tokenizer, questions, system_prompt, cfg.eval.max_tokens,
                                        cfg.eval.batch_size)  # fmt: skip
     summary = qa_summary(questions, scored, seconds)
-    keep = ("fact_accuracy", "live_decline_rate", "facts_declined", "decline_precision", "decline_recall",
-            "overall_accuracy")  # fmt: skip
-    return {k: summary.get(k) for k in keep} | {"answer_seconds": round(seconds, 2)}, scored
+    shares = ("fact_accuracy", "indirect_accuracy", "wrong_declines", "live_declined", "off_topic_redirected",
+              "decline_precision", "overall_accuracy")  # fmt: skip
+    row = {k: (summary[k] or {}).get("value") for k in shares} | {"contradictions": summary["contradictions"]}
+    return row | {"scorer": SCORER_VERSION, "answer_seconds": round(seconds, 2)}, scored
 
 
 def main() -> None:
@@ -76,7 +78,7 @@ def main() -> None:
     cfg = load_config(args.config, overrides | {"train.keep_checkpoints": 1000}, root=ROOT)
     stages = run_local(cfg, until="model")
     data_dir, model_dir = (Path(stages[s]["path"]) for s in ("data", "model"))
-    questions = load_questions(cfg.data.eval_questions, cfg.eval.max_questions)
+    questions = load_questions(cfg.data.dev_questions, cfg.eval.max_questions)
     system_prompt = most_common_system_prompt(load_jsonl_rows(data_dir / "train.jsonl"))
     out = args.out / args.name
     out.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ class TinyInputs:
         """A FarenseConfig as plain JSON (what a deployment run takes as its `config` parameter)."""
         cfg: dict[str, Any] = {
             "artifacts_dir": str(artifacts_dir),
-            "data": {"path": str(self.data), "eval_questions": str(self.questions)},
+            "data": {"path": str(self.data), "dev_questions": str(self.questions)},
             "model": {"source": str(self.model)},
             **{name: dict(values) for name, values in TINY_SETTINGS.items()},
         }

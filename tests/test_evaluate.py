@@ -99,7 +99,7 @@ class TinyProject:
         self.overrides = {
             "artifacts_dir": str(root / "artifacts"),
             "data.path": str(data),
-            "data.eval_questions": str(questions),
+            "data.dev_questions": str(questions),
             "model.source": str(model_dir),
             **TINY_TRAIN,
             **overrides,
@@ -243,7 +243,7 @@ def test_validation_losses_come_from_the_train_stage_when_they_are_the_same_meas
 
 
 def test_without_questions_only_the_loss_is_measured(tmp_path: Path) -> None:
-    project = tiny_project(tmp_path, **{"data.eval_questions": str(tmp_path / "missing.jsonl"), "eval.adapter": "final"})
+    project = tiny_project(tmp_path, **{"data.dev_questions": str(tmp_path / "missing.jsonl"), "eval.adapter": "final"})
     paths = project.run(until="train")
     out = tmp_path / "validate-out"
     out.mkdir()

@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 from farense.config import BenchmarkConfig, FarenseConfig
 from farense.evaluate import ADAPTER_DIR, ADAPTER_FILE, METRICS_FILE, attach_adapter, chat_prompt, load_base
 from farense.evaluate import load_jsonl_rows, most_common_system_prompt
-from farense.fact_scoring import load_questions
+from farense.eval_questions import load_questions
 from farense.train import TrainReport, drop_unlearnable, read_metrics, tokenize_rows
 
 RESULTS_FILE = "comparison_results.json"
@@ -260,7 +260,7 @@ def benchmark_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         reporter.log(f"benchmark: training {mode}: {row['tokens_per_s']:.1f} tok/s, peak {row['peak_gb']:.3f} GB")
 
     system_prompt = most_common_system_prompt(load_jsonl_rows(data_dir / "train.jsonl"))
-    qpath = cfg.data.eval_questions
+    qpath = cfg.data.dev_questions
     questions = load_questions(qpath, 1) if qpath.is_file() else []
     question = questions[0].question if questions else _first_user_message(data_dir / "valid.jsonl")
 
@@ -280,7 +280,7 @@ def benchmark_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     reporter.progress("benchmark: sizes measured", 1.0)
 
     val = json.loads((valid_dir / METRICS_FILE).read_text())
-    keep = ("val_loss", "perplexity", "qa_f1", "qa_recall", "qa_exact", "fact_accuracy", "live_decline_rate")
+    keep = ("val_loss", "perplexity", "qa_f1", "qa_recall", "qa_exact", "fact_accuracy", "live_declined")
     quality = {name: {k: val[name].get(k) for k in keep} for name in ("base", "tuned")}
     train_manifest = _manifest(train_dir)
     results = {

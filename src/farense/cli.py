@@ -88,15 +88,18 @@ def run(
 
 
 def _print_answer_quality(statuses: list[Any]) -> None:
-    """What users judge: base vs tuned on the held-out questions, and where each answer is."""
-    from farense.fact_scoring import headline
+    """What users judge: base vs tuned on the sealed test set (n, 95% interval), the dev figure beside it, and
+    where each answer is."""
+    from farense.accuracy import headline
 
     validate = next((s for s in statuses if s.stage == "validate" and s.state == "done"), None)
     if validate is None or not (validate.path / "metrics.json").is_file():
         return
     metrics = json.loads((validate.path / "metrics.json").read_text())
-    for name in ("base", "tuned"):
-        out.print(f"[bold]{name}[/]: {headline(metrics[name])}", highlight=False)
+    for label, prefix in (("sealed test set", "test_"), ("dev set", "")):
+        out.print(f"[bold]{label}[/] ({metrics.get(prefix + 'questions') or 0} questions):", highlight=False)
+        for name in ("base", "tuned"):
+            out.print(f"  [bold]{name}[/]: {headline(metrics[name], prefix)}", highlight=False)
     out.print(f"per-question answers, pass/fail and why: {validate.path / 'answers.md'}", highlight=False)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from farense.errors import ConfigError
 
@@ -34,8 +34,14 @@ class DataConfig(Section):
     valid_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of examples in the validation split")
     seed: int = Field(42, description="Seed of the content-stable split")
     max_line_bytes: int = Field(1_000_000, gt=0, description="Longer lines are rejected")
-    eval_questions: Path = Field(
-        Path("data/eval/questions.jsonl"), description="Held-out questions with reference answers"
+    dev_questions: Path = Field(
+        Path("data/eval/dev.jsonl"),
+        validation_alias=AliasChoices("dev_questions", "eval_questions"),
+        description="Dev questions: every choice is made on them (recipes, checkpoints, the publish gate)",
+    )
+    test_questions: Path = Field(
+        Path("data/eval/test.jsonl"),
+        description="The sealed test set: answered and reported by the validate stage, never used to choose anything",
     )
 
 
@@ -214,7 +220,8 @@ class FarenseConfig(Section):
         cfg = self.model_copy(deep=True)
         cfg.artifacts_dir = _absolute(cfg.artifacts_dir, root)
         cfg.data.path = _absolute(cfg.data.path, root)
-        cfg.data.eval_questions = _absolute(cfg.data.eval_questions, root)
+        cfg.data.dev_questions = _absolute(cfg.data.dev_questions, root)
+        cfg.data.test_questions = _absolute(cfg.data.test_questions, root)
         if _looks_like_path(cfg.model.source) and not Path(cfg.model.source).is_absolute():
             candidate = root / cfg.model.source
             if candidate.exists():

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import time
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -28,8 +26,13 @@ import mlx.nn as nn
 
 from farense.config import FarenseConfig
 from farense.errors import FarenseError
-from farense.fact_scoring import HeldOutQuestion, Verdict, fact_summary, headline, load_questions, numbered_jsonl_objects, score_answer
+from farense.accuracy import fact_summary, flat_rates, headline
+from farense.eval_questions import HeldOutQuestion, load_questions
+from farense.fact_scoring import SCORER_VERSION, Verdict, score_answer
+from farense.jsonl import numbered_jsonl_objects
 from farense.store import sha256_file
+from farense.text import normalize_words
+from farense.validation_report import answer_rows, answers_markdown, metric_rows
 
 ADAPTER_DIR = "adapter"
 ADAPTER_FILE = "adapters.safetensors"
@@ -38,19 +41,9 @@ METRICS_FILE = "metrics.json"
 ANSWERS_FILE = "answers.jsonl"
 ANSWERS_MD = "answers.md"
 
-# Articles carry no content; SQuAD drops the English ones, we drop the Portuguese ones too.
-_ARTICLES = frozenset({"o", "a", "os", "as", "um", "uma", "uns", "umas", "the", "an"})
-_NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
 
 
 # ---------------------------------------------------------------- scoring
-
-
-def normalize_words(text: str) -> list[str]:
-    """Lower case, accents and punctuation removed, articles dropped: "O Estádio São Luís!" -> [estadio, sao, luis]."""
-    decomposed = unicodedata.normalize("NFKD", text.casefold())
-    plain = "".join(c for c in decomposed if not unicodedata.combining(c))
-    return [w for w in _NON_WORD.sub(" ", plain).replace("_", " ").split() if w not in _ARTICLES]
 
 
 def token_f1(prediction: str, reference: str) -> dict[str, float]:
@@ -250,7 +243,8 @@ def answer_questions(
         cut = a.finish_reason == "length"  # stopped by max_tokens, not by the model
         why = v.why + (f" (answer cut at {max_tokens} tokens)" if cut and not v.passed else "")
         scored.append({"answer": a.text, **token_f1(a.text, q.reference), "tokens": a.tokens, "cut": cut,
-                       "passed": v.passed, "declined": v.declined, "why": why})  # fmt: skip
+                       "passed": v.passed, "declined": v.declined, "contradiction": v.contradiction,
+                       "why": why})  # fmt: skip
     return scored, seconds
 
 
@@ -259,7 +253,7 @@ def qa_summary(questions: Sequence[HeldOutQuestion], scored: Sequence[dict[str, 
     if n == 0:
         return {"qa_f1": None, "qa_recall": None, "qa_exact": None, "answer_tokens": None, "fact_accuracy": None}
     mean = lambda k: sum(s[k] for s in scored) / n  # noqa: E731
-    verdicts = [Verdict(s["passed"], s["declined"], s["why"]) for s in scored]
+    verdicts = [Verdict(s["passed"], s["declined"], s["why"], s["contradiction"]) for s in scored]
     tokens = sum(s["tokens"] for s in scored)
     return {
         "qa_f1": mean("f1"),
@@ -270,25 +264,44 @@ def qa_summary(questions: Sequence[HeldOutQuestion], scored: Sequence[dict[str, 
         "answers_cut": sum(bool(s.get("cut")) for s in scored),  # stopped by eval.max_tokens, not by the model
         "answer_seconds": seconds / n,
         "generation_tokens_per_s": tokens / max(seconds, 1e-9),
-        **fact_summary(questions, verdicts),
+        **flat_rates(fact_summary(questions, verdicts)),
     }
 
 
 # ---------------------------------------------------------------- the stage
 
 
+def dev_questions(cfg: FarenseConfig) -> list[HeldOutQuestion]:
+    """The dev questions: what every choice is made on (recipes, checkpoints, the publish gate)."""
+    path = cfg.data.dev_questions
+    return load_questions(path, cfg.eval.max_questions) if path.is_file() else []
+
+
+def sealed_test_questions(cfg: FarenseConfig) -> list[HeldOutQuestion]:
+    """The sealed test set, read only to be answered and reported (tests/test_sealed_test_set.py keeps it so)."""
+    path = cfg.data.test_questions
+    return load_questions(path) if path.is_file() else []
+
+
+def prefixed(prefix: str, summary: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}{k}": v for k, v in summary.items()}
+
+
 def validate_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
-    """Evaluate base and tuned on the validation split and the held-out questions; write metrics and answers."""
+    """Evaluate base and tuned on the validation split, the dev questions and the sealed test set; write metrics
+    (dev figures under their names, the test set's under test_*) and every answer."""
     data_dir, model_dir, train_dir = (Path(ctx.upstream[s]) for s in ("data", "model", "train"))
     out, reporter = Path(ctx.out_dir), ctx.reporter
     adapter = select_adapter(train_dir, out / ADAPTER_DIR, cfg.eval.adapter)
 
     valid_rows = load_jsonl_rows(data_dir / "valid.jsonl")
     system_prompt = most_common_system_prompt(load_jsonl_rows(data_dir / "train.jsonl"))
-    qpath = cfg.data.eval_questions
-    questions = load_questions(qpath, cfg.eval.max_questions) if qpath.is_file() else []
-    if not questions:
-        reporter.log(f"validate: no held-out questions at {qpath}; only the validation loss is measured")
+    sets = {"dev": dev_questions(cfg), "test": sealed_test_questions(cfg)}
+    for name, path in (("dev", cfg.data.dev_questions), ("test", cfg.data.test_questions)):
+        if not sets[name]:
+            reporter.log(f"validate: no {name} questions at {path}")
+    questions = sets["test"] + sets["dev"]  # answered together: one set of batches for both
+    n_test = len(sets["test"])
 
     model, tokenizer, compute = load_base(model_dir, cfg.train.compute_path)
     measured = losses_from_training(train_dir, cfg, adapter["file"])
@@ -303,29 +316,20 @@ def validate_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         answers[name], seconds = answer_questions(
             model, tokenizer, questions, system_prompt, cfg.eval.max_tokens, cfg.eval.batch_size
         )
-        results[name] = {**loss, **qa_summary(questions, answers[name], seconds)}
+        share = seconds / max(len(questions), 1)
+        test, dev = answers[name][:n_test], answers[name][n_test:]
+        results[name] = {**loss, **qa_summary(sets["dev"], dev, share * len(dev)),
+                         **prefixed("test_", qa_summary(sets["test"], test, share * len(test)))}  # fmt: skip
         reporter.progress(f"validate: {name} answered {len(questions)} questions", (2 * i + 2) / 4)
-        reporter.log(f"validate: {name}: {headline(results[name])}")
-        if name == "tuned" and results[name].get("answers_cut"):
-            reporter.log(f"validate: {results[name]['answers_cut']} tuned answers were cut at eval.max_tokens="
-                         f"{cfg.eval.max_tokens}: they are scored as cut; raise it to score whole answers")  # fmt: skip
+        reporter.log(f"validate: {name}: sealed test: {headline(results[name], 'test_')}")
+        reporter.log(f"validate: {name}: dev: {headline(results[name])}")
+        if name == "tuned" and (cut := (results[name].get("answers_cut") or 0) + (results[name].get("test_answers_cut") or 0)):
+            reporter.log(f"validate: {cut} tuned answers were cut at eval.max_tokens={cfg.eval.max_tokens}: they are "
+                         "scored as cut; raise it to score whole answers")  # fmt: skip
     del model
     mx.clear_cache()
 
-    rows = [
-        {
-            "id": q.id,
-            "category": q.category,
-            "question": q.question,
-            "reference": q.reference,
-            **{f"{m}_{k}": answers[m][j][k] for m in ("base", "tuned") for k in ("answer", "passed", "why")},
-            "base_f1": round(answers["base"][j]["f1"], 4),
-            "tuned_f1": round(answers["tuned"][j]["f1"], 4),
-            "base_tokens": answers["base"][j]["tokens"],
-            "tuned_tokens": answers["tuned"][j]["tokens"],
-        }
-        for j, q in enumerate(questions)
-    ]
+    rows = answer_rows(sets, answers)
     with open(out / ANSWERS_FILE, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     markdown = answers_markdown(rows, results)
@@ -343,17 +347,20 @@ def validate_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         "tuned_beats_base": tuned["val_loss"] < base["val_loss"],
         "adapter": adapter,
         "system_prompt": system_prompt,
-        "questions": len(questions),
+        "questions": len(sets["dev"]),
+        "test_questions": n_test,
         "max_tokens": cfg.eval.max_tokens,
+        "scorer": SCORER_VERSION,
         # What the numbers were measured on: metrics of two runs compare only when these match.
         "valid_sha256": sha256_file(data_dir / "valid.jsonl"),
-        "questions_sha256": sha256_file(qpath) if questions else None,
+        "questions_sha256": sha256_file(cfg.data.dev_questions) if sets["dev"] else None,
+        "test_questions_sha256": sha256_file(cfg.data.test_questions) if n_test else None,
         "compute": compute,
     }
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
 
-    reporter.markdown("validate-answers", markdown, "Held-out questions: base vs tuned answers, pass/fail and why")
-    reporter.table("validate-metrics", metric_rows(results), "Fact accuracy, declines, loss and Q&A F1")
+    reporter.markdown("validate-answers", markdown, "Sealed test and dev questions: base vs tuned answers, pass/fail and why")
+    reporter.table("validate-metrics", metric_rows(results), "Fact accuracy (95% interval), declines, loss and Q&A F1")
     return {
         "base_val_loss": base["val_loss"],
         "tuned_val_loss": tuned["val_loss"],
@@ -361,67 +368,16 @@ def validate_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         "tuned_perplexity": tuned["perplexity"],
         "base_qa_f1": base["qa_f1"],
         "tuned_qa_f1": tuned["qa_f1"],
+        "base_test_fact_accuracy": base.get("test_fact_accuracy"),
+        "tuned_test_fact_accuracy": tuned.get("test_fact_accuracy"),
         "base_fact_accuracy": base.get("fact_accuracy"),
         "tuned_fact_accuracy": tuned.get("fact_accuracy"),
-        "tuned_live_decline_rate": tuned.get("live_decline_rate"),
-        "tuned_facts_declined": tuned.get("facts_declined"),
+        "tuned_live_declined": tuned.get("live_declined"),
+        "tuned_wrong_declines": tuned.get("wrong_declines_k"),
         "tuned_beats_base": metrics["tuned_beats_base"],
-        "questions": len(questions),
+        "questions": len(sets["dev"]),
+        "test_questions": n_test,
         "answers_file": str(ANSWERS_MD),
         "adapter_file": adapter["file"],
         "compute_path": compute["compute_path"],
     }
-
-
-METRIC_NAMES = ("fact_accuracy", "facts_declined", "live_decline_rate", "decline_precision", "decline_recall",
-                "overall_accuracy", "val_loss", "perplexity", "qa_f1", "qa_exact", "answer_tokens", "answers_cut",
-                "generation_tokens_per_s")  # fmt: skip
-
-
-def metric_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = [
-        {"metric": k, **{m: (None if results[m].get(k) is None else round(results[m][k], 4)) for m in results}}
-        for k in METRIC_NAMES
-        if any(results[m].get(k) is not None for m in results)
-    ]
-    categories = {c for m in results for c in results[m].get("per_category", {})}
-    for c in sorted(categories):
-        rows.append({"metric": f"accuracy: {c}", **{
-            m: (None if (a := results[m].get("per_category", {}).get(c, {}).get("accuracy")) is None else round(a, 4))
-            for m in results}})  # fmt: skip
-    return rows
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "<br>")
-
-
-def answers_markdown(rows: Sequence[dict[str, Any]], results: dict[str, dict[str, Any]]) -> str:
-    def fmt(v: Any) -> str:
-        return "n/a" if v is None else f"{v:.4f}"
-
-    def mark(passed: bool) -> str:
-        return "pass" if passed else "**fail**"
-
-    lines = [
-        "# Validation: base vs tuned",
-        "",
-        "| metric | base | tuned |",
-        "|---|---|---|",
-        *(f"| {r['metric']} | {fmt(r['base'])} | {fmt(r['tuned'])} |" for r in metric_rows(results)),
-        "",
-    ]
-    if rows:
-        lines += [
-            f"## Held-out questions ({len(rows)})",
-            "",
-            "| id | category | question | tuned answer | tuned | why | base answer | base | F1 tuned |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['id']} | {r['category']} | {_cell(r['question'])} | {_cell(r['tuned_answer'])} | "
-            f"{mark(r['tuned_passed'])} | {_cell(r['tuned_why'])} | {_cell(r['base_answer'])} | "
-            f"{mark(r['base_passed'])} | {r['tuned_f1']:.2f} |"
-            for r in rows
-        ]
-    return "\n".join(lines) + "\n"

@@ -1,121 +1,104 @@
-"""Fact accuracy: does an answer state the club's facts right, and decline what it cannot know?
+"""Scorer v2: does an answer state the club's facts right, decline only what it cannot know, and not contradict itself?
 
-Each held-out question (one JSON object per line of `data/eval/questions.jsonl`) has a category and the key facts a
-right answer must contain, as regular expressions matched case-insensitively:
+The facts of data/README.md are written down once (farense.club_facts), as the parts a right answer states (`PARTS`) and the
+alternatives that contradict them (`CONTRADICTIONS`: other places, colours, years, positions, "campeão"). A
+question (farense.eval_questions) names the parts it asks for; the rules, by category:
 
-    {"id": "stadium-2", "category": "fact", "question": "estádio?", "must": ["S[ãa]o Lu[íi]s"], "must_not": [],
-     "reference": "O Farense joga em casa no Estádio de São Luís, em Faro."}
+- fact, yes_no, combined: not declined; every asked part stated; nothing contradicting any fact; no year or
+  season the facts lack; and it does not open with a negation (none of these questions has a premise to deny, so
+  an opening "Não." that the rest of the answer refutes is a contradiction, and counted as one).
+- false_premise: the same parts (the correction), no contradiction, the false `claim` not restated, and it does
+  not open by agreeing ("Sim", "Certo", ...).
+- live, off_topic: declined or redirected, and nothing invented next to the decline: no price, date, score, time,
+  person or number beyond the facts' own.
 
-- fact: answered (not declined), every `must` pattern present, no `must_not` pattern, no year the facts lack.
-- false_premise: the same, where `must` holds the correction (e.g. "n[ãa]o" and "1910") and `must_not` the
-  agreement ("^\\W*sim").
-- live: information the bot cannot have (tickets, next match, current coach): it must decline.
-- off_topic: not about the club: it must decline or redirect to the club.
-
-Questions written in the older `{"question", "reference"}` form load as category "fact" with no key facts; they
-count for token F1 only, not for fact accuracy. Pure Python (no MLX): the scorer is tested on hand-made answers.
+A contradiction or claim does not count inside a clause that denies it ("nunca foi campeão", "não joga no Bessa").
+Pure Python (no MLX); `tests/test_fact_scoring.py` holds a table of hand-written right and wrong answers.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from farense.club_facts import MONTHS, CONTRADICTIONS, KNOWN_SEASONS, KNOWN_YEARS, PARTS
+from farense.eval_questions import HeldOutQuestion
 
-from farense.errors import DataError
+SCORER_VERSION = 2
+_I = re.IGNORECASE
+_YEAR = re.compile(r"(?<!\d)(1[89]\d\d|20\d\d)(?!\d)")
+_SEASON = re.compile(r"(?<!\d)(?:19|20)?(\d\d)\s?[-/–]\s?(?:19|20)?(\d\d)(?!\d)")
 
-Category = Literal["fact", "false_premise", "live", "off_topic"]
-CATEGORIES: tuple[Category, ...] = ("fact", "false_premise", "live", "off_topic")
-MUST_DECLINE: frozenset[str] = frozenset({"live", "off_topic"})
-
-# How this bot says it cannot answer (the training data's decline and redirect sentences and their variants).
+# How this bot says it cannot answer (its decline and redirect sentences and their variants).
 DECLINE = re.compile(
     r"n[ãa]o tenho (ess[ae]|est[ae]|a |o |os |as |um |uma |informa|dados|contact|registo|recomenda|valores|n[úu]mero)"
     r"|canais oficiais|fontes oficiais|n[ãa]o fa[çc]o previs|n[ãa]o dou conselhos|n[ãa]o comento"
-    r"|respondo (apenas |s[óo] )?a perguntas sobre o (sporting clube )?(clube|farense)|n[ãa]o sei responder",
-    re.IGNORECASE,
+    r"|respondo (apenas |s[óo] )?a perguntas sobre o (sporting clube )?(clube|farense)|n[ãa]o sei responder"
+    r"|n[ãa]o (disponho|possuo|consigo (responder|ajudar|dizer))|s[óo] (posso|consigo) (ajudar|responder|falar)",
+    _I,
 )
-# The years the club's facts mention; an answer to a fact question stating any other year invents a fact.
-KNOWN_YEARS = frozenset({"1910", "1990", "1994", "1995", "1996"})
-_YEAR = re.compile(r"\b(1[89]\d\d|20\d\d)\b")
+# A reply word: "Não." or "Não, ..." answers the question with no; "Não venceu: ..." is a sentence that starts so.
+_OPENS_NO = re.compile(r"^\W*(n[ãa]o|nunca|negativo|errado|falso)\s*[.,;:!—–-]", _I)
+_OPENS_YES = re.compile(r"^\W*(sim\b|(certo|exato|exatamente|correto|verdade|isso mesmo)\s*[.,;:!—–-])", _I)
+_CLAUSE_DENIES = re.compile(r"\b(n[ãa]o|nunca|nem|jamais)\b", _I)
+_CLAUSE_BREAK = re.compile(r"[.;,:!?()]|\bmas\b|\bporém\b|\bcontudo\b", _I)
+
+# What a decline must not carry: invented specifics.
+SPECIFICS: dict[str, str] = {
+    "a price": r"\d\s?(?:€|euros?\b)|€\s?\d|\bgr[áa]tis\b|\bgratuit[oa]\b",
+    "a time": r"(?<!\d)\d{1,2}\s?h\s?\d{0,2}\b|(?<!\d)\d{1,2}:\d{2}(?!\d)",
+    "a date": rf"(?<!\d)\d{{1,2}}\s?\.?\s?[ºo°]?\s+de\s+(?:{MONTHS})\b|(?<!\d)\d{{1,2}}/\d{{1,2}}(?!\d)",
+    "a score": r"(?<!\d)\d{1,2}\s?(?:-|x|–|a)\s?\d{1,2}(?!\d)",
+    "a number": r"\d|\b(?:dois|duas|tr[êe]s|quatro|cinco|seis|sete|oito|nove|dez|onze|doze|vinte|trinta|cem|mil|milh[õo]es)\b",
+}
+# Capitalised words a decline or redirect may use; any other one not opening a sentence names someone.
+KNOWN_NAMES = frozenset(
+    "farense sporting clube sc scf faro algarve portugal portuguesa estádio estadio são sao luís luis taça taca "
+    "uefa primeira liga hassan nader europa eu desculpa lamento obrigado olá ola bom boa".split()
+)
+_CAPITALISED = re.compile(r"(?<![.!?:]\s)(?<!^)\b([A-ZÁÀÂÃÉÊÍÓÔÕÚÇ][\wÀ-ÿ]+)")
 
 
-class HeldOutQuestion(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: str
-    question: str = Field(min_length=1)
-    reference: str = Field(min_length=1)
-    category: Category = "fact"
-    fact: str | None = Field(None, description="Which fact of data/README.md the question is about")
-    must: tuple[str, ...] = Field((), description="Patterns a right answer contains, all of them")
-    must_not: tuple[str, ...] = Field((), description="Patterns that contradict the facts")
-
-    @field_validator("question", "reference")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must be a non-empty string")
-        return v
-
-    @field_validator("must", "must_not")
-    @classmethod
-    def _patterns(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for p in v:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"pattern {p!r} is not a valid regular expression: {e}") from None
-        return v
-
-    @property
-    def scored(self) -> bool:
-        """Counts for fact accuracy: it names key facts, or the right answer is a decline."""
-        return bool(self.must) or self.category in MUST_DECLINE
-
-
-def numbered_jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; a line that is not a JSON object is an error naming it."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove the line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            yield n, row
-
-
-def load_questions(path: Path, limit: int = -1) -> list[HeldOutQuestion]:
-    """Held-out questions, one JSON object per line; a bad line is an error naming the file, line and field."""
-    questions: list[HeldOutQuestion] = []
-    seen: dict[str, int] = {}
-    for n, row in numbered_jsonl_objects(path):
-        row.setdefault("id", str(len(questions) + 1))
-        try:
-            q = HeldOutQuestion.model_validate(row)
-        except ValidationError as e:
-            first = e.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "<line>"
-            raise DataError(f"{path}:{n}: field '{field}': {first['msg']}") from None
-        if q.id in seen:
-            raise DataError(f"{path}:{n}: id '{q.id}' is already used on line {seen[q.id]}")
-        seen[q.id] = n
-        questions.append(q)
-    return questions[:limit] if limit > 0 else questions
+def _has(pattern: str, text: str) -> bool:
+    return re.search(pattern, text, _I) is not None
 
 
 def is_decline(answer: str) -> bool:
     return DECLINE.search(answer) is not None
+
+
+def _asserted(pattern: str, answer: str) -> bool:
+    """Whether `pattern` occurs in a clause that does not deny it ("não joga no Bessa" denies "Bessa")."""
+    for m in re.finditer(pattern, answer, _I):
+        start = max((b.end() for b in _CLAUSE_BREAK.finditer(answer, 0, m.start())), default=0)
+        if not _CLAUSE_DENIES.search(answer, start, m.start()):
+            return True
+    return False
+
+
+def _without_fact_parts(answer: str) -> str:
+    for p in PARTS.values():
+        answer = re.sub(p, " ", answer, flags=_I)
+    return answer
+
+
+def invented_specifics(answer: str) -> list[str]:
+    """What a decline states beyond the facts: prices, dates, scores, times, names, numbers."""
+    rest = _without_fact_parts(answer)
+    found = [name for name, p in SPECIFICS.items() if _has(p, rest)]
+    names = [w for w in _CAPITALISED.findall(rest) if w.casefold() not in KNOWN_NAMES]
+    return found + ([f"a name ({', '.join(names[:3])})"] if names else [])
+
+
+def contradictions(answer: str) -> list[str]:
+    """Which facts the answer contradicts: other places, colours, titles, years or seasons."""
+    found = [name for name, p in CONTRADICTIONS.items() if _asserted(p, answer)]
+    years = sorted(y for y in set(_YEAR.findall(answer)) - KNOWN_YEARS if _asserted(rf"(?<!\d){y}(?!\d)", answer))
+    seasons = sorted({f"{a}-{b}" for a, b in _SEASON.findall(answer)
+                      if (int(a) + 1) % 100 == int(b) and (int(a), int(b)) not in KNOWN_SEASONS})  # fmt: skip
+    return found + [f"a year the facts lack ({', '.join(years)})"] * bool(years) + [
+        f"a season the facts lack ({', '.join(seasons)})"
+    ] * bool(seasons)
 
 
 @dataclass(frozen=True)
@@ -123,78 +106,29 @@ class Verdict:
     passed: bool
     declined: bool
     why: str
+    contradiction: bool = False  # opened with a negation the question gives no reason for
 
 
 def score_answer(q: HeldOutQuestion, answer: str) -> Verdict:
     """Whether `answer` is right for `q`, and why not when it is not."""
     declined = is_decline(answer)
-    if q.category in MUST_DECLINE:
+    if q.category in ("live", "off_topic"):
         if not declined:
             return Verdict(False, False, "should decline (it cannot know this) but answered")
-        bad = [p for p in q.must_not if re.search(p, answer, re.IGNORECASE)]
-        return Verdict(not bad, True, f"declined but states {bad}" if bad else "declined, as it should")
-    if not q.must:
-        return Verdict(False, declined, "no key facts listed: not scored")
+        invented = invented_specifics(answer) + [f"matches {p}" for p in q.must_not if _has(p, answer)]
+        return Verdict(not invented, True, f"declined but states {', '.join(invented)}" if invented else "declined, as it should")
+    if not q.scored:
+        return Verdict(False, declined, "no parts listed: not scored")
     if declined:
         return Verdict(False, True, "declined a question the facts answer")
-    missing = [p for p in q.must if not re.search(p, answer, re.IGNORECASE)]
-    wrong = [p for p in q.must_not if re.search(p, answer, re.IGNORECASE)]
-    years = sorted(set(_YEAR.findall(answer)) - KNOWN_YEARS)
-    reasons = (
-        [f"missing {', '.join(missing)}"] * bool(missing)
-        + [f"contradicts: matches {', '.join(wrong)}"] * bool(wrong)
-        + [f"states a year the facts lack: {', '.join(years)}"] * bool(years)
-    )
-    return Verdict(not reasons, False, "; ".join(reasons) or "every key fact, nothing contradicting")
-
-
-def fact_summary(questions: Sequence[HeldOutQuestion], verdicts: Sequence[Verdict]) -> dict[str, Any]:
-    """Fact accuracy (fact and false-premise questions), decline precision and recall, and per-category scores."""
-    pairs = [(q, v) for q, v in zip(questions, verdicts) if q.scored]
-    if not pairs:
-        return {"fact_accuracy": None, "scored_questions": 0}
-    per: dict[str, list[bool]] = defaultdict(list)
-    for q, v in pairs:
-        per[q.category].append(v.passed)
-    facts = [v for q, v in pairs if q.category in ("fact", "false_premise")]
-    must_decline = [v for q, v in pairs if q.category in MUST_DECLINE]
-    declined = [(q, v) for q, v in pairs if v.declined]
-    live = [v for q, v in pairs if q.category == "live"]
-
-    def share(xs: Sequence[bool]) -> float | None:
-        return sum(xs) / len(xs) if xs else None
-
-    return {
-        "fact_accuracy": share([v.passed for v in facts]),
-        "fact_questions": len(facts),
-        "facts_declined": sum(v.declined for v in facts),
-        "live_decline_rate": share([v.declined for v in live]),
-        "live_questions": len(live),
-        "decline_precision": share([q.category in MUST_DECLINE for q, _ in declined]),
-        "decline_recall": share([v.declined for v in must_decline]),
-        "overall_accuracy": share([v.passed for _, v in pairs]),
-        "scored_questions": len(pairs),
-        "per_category": {c: {"n": len(per[c]), "accuracy": share(per[c])} for c in CATEGORIES if per[c]},
-        "per_fact": {
-            fact: share([v.passed for q, v in pairs if q.fact == fact])
-            for fact in sorted(Counter(q.fact for q, _ in pairs if q.fact))
-        },
-    }
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.0f}%"
-
-
-def headline(r: dict[str, Any]) -> str:
-    """One line of what matters: fact accuracy, declines, then loss and F1."""
-    parts = [f"val loss {r['val_loss']:.4f}"]
-    if r.get("fact_accuracy") is not None:
-        parts = [
-            f"fact accuracy {_pct(r['fact_accuracy'])} ({r['fact_questions']} questions, {r['facts_declined']} declined)",
-            f"live-information declines {_pct(r.get('live_decline_rate'))}",
-            f"decline precision {_pct(r.get('decline_precision'))}",
-        ] + parts
-    if r.get("qa_f1") is not None:
-        parts.append(f"Q&A F1 {r['qa_f1']:.3f}")
-    return ", ".join(parts)
+    reasons = [f"missing {a}" for a in q.asks if not _has(PARTS[a], answer)]
+    reasons += [f"missing {p}" for p in q.must if not _has(p, answer)]
+    reasons += [f"contradicts: {c}" for c in contradictions(answer)]
+    reasons += [f"restates the false claim ({p})" for p in q.claim if _asserted(p, answer)]
+    reasons += [f"contradicts: matches {p}" for p in q.must_not if _has(p, answer)]
+    opens_no = q.category != "false_premise" and _OPENS_NO.search(answer) is not None
+    if opens_no:
+        reasons.insert(0, "opens with a negation, but the facts say yes")
+    if q.category == "false_premise" and _OPENS_YES.search(answer):
+        reasons.insert(0, "agrees with the false premise")
+    return Verdict(not reasons, False, "; ".join(reasons) or "every asked part, nothing contradicting", opens_no)

@@ -64,7 +64,7 @@ class StagePlan:
 def _section_for_key(cfg: FarenseConfig, stage: str) -> dict[str, Any]:
     if stage == "data":
         d = cfg.section("data")
-        d.pop("path"), d.pop("eval_questions")  # content, not location, makes the key
+        d.pop("path"), d.pop("dev_questions"), d.pop("test_questions")  # content, not location, makes the key
         return d
     if stage == "model":
         return cfg.section("model") | {"source": None}
@@ -88,8 +88,9 @@ def source_inputs(cfg: FarenseConfig, stage: str) -> dict[str, str]:
 
         return {"source": resolve_source(cfg.model).identity}
     if stage == "validate":
-        q = cfg.data.eval_questions
-        return {"questions": hash_path(q) if q.exists() else "none"}
+        # The sealed test set is hashed only so that a changed file is answered again; nothing chooses by it.
+        return {name: hash_path(q) if q.exists() else "none"
+                for name, q in (("questions", cfg.data.dev_questions), ("test_questions", cfg.data.test_questions))}
     return {}
 
 
