@@ -37,11 +37,11 @@ from farense.evaluate import (  # noqa: E402
     answer_questions,
     attach_adapter,
     load_base,
-    load_jsonl_rows,
     most_common_system_prompt,
     qa_summary,
 )
 from farense.eval_questions import load_questions  # noqa: E402
+from farense.jsonl import read_jsonl  # noqa: E402
 from farense.fact_scoring import SCORER_VERSION  # noqa: E402
 from farense.stages import run_local  # noqa: E402
 from farense.train import read_metrics  # noqa: E402
@@ -61,7 +61,8 @@ def score(model_dir: Path, adapter_dir: Path | None, questions, system_prompt, c
     summary = qa_summary(questions, scored, seconds)
     shares = ("fact_accuracy", "indirect_accuracy", "wrong_declines", "live_declined", "off_topic_redirected",
               "decline_precision", "overall_accuracy")  # fmt: skip
-    row = {k: (summary[k] or {}).get("value") for k in shares} | {"contradictions": summary["contradictions"]}
+    row = {k: summary.get(k) for k in shares} | {"contradictions": summary.get("contradictions")}
+    row |= {f"fact_accuracy_{p}": summary.get(f"fact_accuracy_{p}") for p in ("n", "low", "high")}
     return row | {"scorer": SCORER_VERSION, "answer_seconds": round(seconds, 2)}, scored
 
 
@@ -79,7 +80,7 @@ def main() -> None:
     stages = run_local(cfg, until="model")
     data_dir, model_dir = (Path(stages[s]["path"]) for s in ("data", "model"))
     questions = load_questions(cfg.data.dev_questions, cfg.eval.max_questions)
-    system_prompt = most_common_system_prompt(load_jsonl_rows(data_dir / "train.jsonl"))
+    system_prompt = most_common_system_prompt(read_jsonl(data_dir / "train.jsonl"))
     out = args.out / args.name
     out.mkdir(parents=True, exist_ok=True)
     common = {"name": args.name, "overrides": overrides, "questions": len(questions)}

@@ -96,10 +96,17 @@ class TinyProject:
              "must": [r"S[ãa]o Lu[íi]s"]},
             {"question": "Quando foi fundado o Farense?", "reference": "Em 1910."},
         ])  # fmt: skip
+        sealed = write_jsonl(root / "test.jsonl", [
+            {"id": "t1", "category": "fact", "facts": ["stadium"], "asks": ["stadium.name"],
+             "question": "Para que recinto vou ver o Farense em casa?", "reference": "No Estádio de São Luís."},
+            {"id": "t2", "category": "live", "question": "Quanto custa o bilhete de domingo?",
+             "reference": "Não tenho informação atualizada sobre bilhetes."},
+        ])  # fmt: skip
         self.overrides = {
             "artifacts_dir": str(root / "artifacts"),
             "data.path": str(data),
             "data.dev_questions": str(questions),
+            "data.test_questions": str(sealed),
             "model.source": str(model_dir),
             **TINY_TRAIN,
             **overrides,
@@ -184,23 +191,32 @@ def test_validate_writes_metrics_answers_and_artifacts(validated: tuple) -> None
     assert metrics["questions"] == 2 and metrics["max_tokens"] == 6
     assert metrics["compute"]["compute_path"] in ("dequantized", "quantized", "recompute")
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-    assert [a["reference"] for a in answers] == ["No Estádio de São Luís, em Faro.", "Em 1910."]
+    dev = [a for a in answers if a["set"] == "dev"]
+    assert [a["reference"] for a in dev] == ["No Estádio de São Luís, em Faro.", "Em 1910."]
+    # The sealed test set is answered and reported beside the dev set, under its own names.
+    assert [a["id"] for a in answers if a["set"] == "test"] == ["t1", "t2"] and metrics["test_questions"] == 2
+    for name in ("base", "tuned"):
+        assert metrics[name]["test_fact_accuracy_n"] == 1 and metrics[name]["test_live_declined_n"] == 1
+        low, high = metrics[name]["test_fact_accuracy_low"], metrics[name]["test_fact_accuracy_high"]
+        assert 0 <= low <= metrics[name]["test_fact_accuracy"] <= high <= 1
     assert all(a["base_tokens"] <= 6 and a["tuned_tokens"] <= 6 for a in answers)
     # Answers stopped by eval.max_tokens rather than by the model are counted, and said so where they fail.
     for name in ("base", "tuned"):
-        cut = [a for a in answers if a[f"{name}_tokens"] == 6]  # batched answering: max_tokens long means cut
+        cut = [a for a in dev if a[f"{name}_tokens"] == 6]  # batched answering: max_tokens long means cut
         assert metrics[name]["answers_cut"] == len(cut)
         assert all("cut at 6 tokens" in a[f"{name}_why"] for a in cut if not a[f"{name}_passed"])
     cut_logged = any("cut at eval.max_tokens=6" in m for k, _, m in reporter.calls if k == "log")
-    assert cut_logged == (metrics["tuned"]["answers_cut"] > 0)
+    assert cut_logged == (metrics["tuned"]["answers_cut"] + metrics["tuned"]["test_answers_cut"] > 0)
     md = (out / "answers.md").read_text()
-    assert "| id | category | question | tuned answer | tuned | why |" in md and "Quando foi fundado" in md
+    assert "| id | category | wording | question | tuned answer | tuned | why |" in md and "Quando foi fundado" in md
+    assert md.index("## Sealed test set (2 questions)") < md.index("## Dev set (2 questions)")
     assert "Quando foi fundado" in reporter.of("markdown")["validate-answers"]
-    assert {r["metric"] for r in reporter.of("table")["validate-metrics"]} >= {"val_loss", "qa_f1", "fact_accuracy"}
+    assert {r["metric"] for r in reporter.of("table")["validate-metrics"]} >= {
+        "val_loss", "qa_f1", "Dev set: fact_accuracy", "Sealed test set: fact_accuracy"}
     # The first question lists a key fact, so it is scored; the second has only a reference (F1 only).
     for name in ("base", "tuned"):
-        assert metrics[name]["fact_questions"] == 1 and metrics[name]["fact_accuracy"] in (0.0, 1.0)
-    first = answers[0]
+        assert metrics[name]["fact_accuracy_n"] == 1 and metrics[name]["fact_accuracy"] in (0.0, 1.0)
+    first = dev[0]
     assert first["tuned_passed"] == bool(re.search("S[ãa]o Lu[íi]s", first["tuned_answer"], re.I))
     assert first["tuned_why"] and ("pass" if first["tuned_passed"] else "**fail**") in md
     summary = json.loads((out / "manifest.json").read_text())["summary"]
@@ -218,7 +234,8 @@ def test_validated_adapter_is_the_best_checkpoint_in_mlx_lm_format(validated: tu
 
 
 def test_validation_losses_come_from_the_train_stage_when_they_are_the_same_measurement(validated: tuple) -> None:
-    from farense.evaluate import attach_adapter, load_base, load_jsonl_rows, losses_from_training, validation_loss
+    from farense.evaluate import attach_adapter, load_base, losses_from_training, validation_loss
+    from farense.jsonl import read_jsonl
 
     project, paths, _ = validated
     metrics = json.loads((paths["validate"] / "metrics.json").read_text())
@@ -227,7 +244,7 @@ def test_validation_losses_come_from_the_train_stage_when_they_are_the_same_meas
     assert metrics["tuned"]["measured_by"] == f"train stage, step {state['best_step']}"
     # Measured again here, on the validate stage's own model and adapter: the same losses.
     model, tokenizer, _ = load_base(paths["model"], project.cfg.train.compute_path)
-    rows = load_jsonl_rows(paths["data"] / "valid.jsonl")
+    rows = read_jsonl(paths["data"] / "valid.jsonl")
     base = validation_loss(model, tokenizer, rows, project.cfg)
     tuned = validation_loss(attach_adapter(model, paths["validate"] / "adapter"), tokenizer, rows, project.cfg)
     assert base["measured_by"] == tuned["measured_by"] == "validate stage"
@@ -243,7 +260,8 @@ def test_validation_losses_come_from_the_train_stage_when_they_are_the_same_meas
 
 
 def test_without_questions_only_the_loss_is_measured(tmp_path: Path) -> None:
-    project = tiny_project(tmp_path, **{"data.dev_questions": str(tmp_path / "missing.jsonl"), "eval.adapter": "final"})
+    project = tiny_project(tmp_path, **{"data.dev_questions": str(tmp_path / "missing.jsonl"),
+                                        "data.test_questions": str(tmp_path / "missing-too.jsonl"), "eval.adapter": "final"})
     paths = project.run(until="train")
     out = tmp_path / "validate-out"
     out.mkdir()
@@ -253,7 +271,8 @@ def test_without_questions_only_the_loss_is_measured(tmp_path: Path) -> None:
     assert summary["questions"] == 0 and summary["tuned_qa_f1"] is None
     assert summary["adapter_file"] == "adapters.safetensors"
     assert (out / "answers.jsonl").read_text() == ""
-    assert any("no held-out questions" in m for k, _, m in reporter.calls if k == "log")
+    assert any("no dev questions" in m for k, _, m in reporter.calls if k == "log")
+    assert any("no test questions" in m for k, _, m in reporter.calls if k == "log")
 
 
 def test_eval_settings_reach_the_stage(validated: tuple, tmp_path: Path) -> None:
