@@ -3,7 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test install test-deps
+EXPRESS := examples/express
+
+.PHONY: run test install test-deps system-test-deps
 
 install: $(STAMP)
 
@@ -19,10 +21,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/farense run
 
-# As root on Debian/Ubuntu, also installs Chromium and PostgreSQL for the UI and PostgreSQL tests (as it installs
-# OpenBLAS); otherwise those tests skip, naming what is missing.
-test-deps:
+# As root on Debian/Ubuntu, also installs Chromium, PostgreSQL and Node for the UI, PostgreSQL and Express tests (as
+# it installs OpenBLAS); otherwise those tests skip, naming what is missing. Then the Express example's packages from
+# npm into its node_modules (gitignored), again only when its package-lock.json changes.
+test-deps: system-test-deps $(EXPRESS)/node_modules/.package-lock.json
+
+system-test-deps:
 	@bash scripts/install-system-deps.sh --test
+
+$(EXPRESS)/node_modules/.package-lock.json: $(EXPRESS)/package-lock.json | system-test-deps
+	@if command -v npm >/dev/null; then cd $(EXPRESS) && npm ci --no-audit --no-fund --loglevel=error; \
+	else echo "warning: npm missing: the Express test skips; fix: sudo apt-get install nodejs npm" >&2; fi
 
 test: $(STAMP) test-deps
 	$(PY) -m pytest -q

@@ -3,8 +3,9 @@
 # we carry on (the tests that need a missing piece skip, naming it).
 #   scripts/install-system-deps.sh          OpenBLAS, for MLX's CPU matmuls (the mlx-cpu wheel bundles a ~30x
 #                                           slower reference BLAS)
-#   scripts/install-system-deps.sh --test   also what `make test` needs: Chromium (the Prefect UI check) and the
-#                                           PostgreSQL server (the multi-host server test)
+#   scripts/install-system-deps.sh --test   also what `make test` needs: Chromium (the Prefect UI check), the
+#                                           PostgreSQL server (the multi-host server test) and Node with npm (the
+#                                           Express example that tests/test_serve_clients.py runs)
 set -u
 [ "$(uname -s)" = Linux ] || exit 0
 missing=()
@@ -16,6 +17,8 @@ done
 if [ "${1:-}" = --test ]; then
   command -v chromium >/dev/null || command -v chromium-browser >/dev/null || missing+=(chromium)
   ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || missing+=(postgresql)
+  command -v node >/dev/null || missing+=(nodejs)
+  command -v npm >/dev/null || missing+=(npm)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -193,12 +193,13 @@ def test_prompts_over_the_context_are_refused(server: ThreadServer) -> None:
     r = httpx.post(f"{server.url}/ask", json={"prompt": words, "max_tokens": 4})
     assert r.status_code == 413 and r.json()["field"] == "prompt" and f"the context is {context}" in r.json()["error"]
     huge = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 10**6}]})
-    assert huge.status_code == 413 and huge.json()["field"] == "messages"
+    assert huge.status_code == 413 and huge.json()["error"]["param"] == "messages"  # OpenAI's error shape on /v1
     no_messages = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": []})
-    assert no_messages.status_code == 422 and no_messages.json()["field"] == "messages"
+    assert no_messages.status_code == 422 and no_messages.json()["error"]["param"] == "messages"
     bad_stream = httpx.post(f"{server.url}/v1/chat/completions",
                             json={"messages": [{"role": "user", "content": "x"}], "stream": "yes"})
-    assert bad_stream.status_code == 422 and bad_stream.json()["field"] == "stream"
+    assert bad_stream.status_code == 422 and bad_stream.json()["error"]["param"] == "stream"
+    assert bad_stream.json()["error"]["type"] == "invalid_request_error"
 
 
 # ---------------------------------------------------------------- load
@@ -260,7 +261,10 @@ def test_api_key_is_required_when_set(published: Path, caplog: pytest.LogCapture
         ok = httpx.post(f"{s.url}/ask", json={"prompt": "x", "max_tokens": 2}, headers={"Authorization": f"Bearer {key}"})
         assert ok.status_code == 200
         assert httpx.post(f"{s.url}/ask", json={"prompt": "x", "max_tokens": 2}, headers={"X-API-Key": key}).status_code == 200
-        assert httpx.get(f"{s.url}/health").status_code == 200
+        assert httpx.get(f"{s.url}/health").json() == {"status": "ok"}  # up, and nothing else without the key
+        detailed = httpx.get(f"{s.url}/health", headers={"Authorization": f"Bearer {key}"}).json()
+        assert detailed["adapter"] == published_version(published).name and "model" in detailed
+        assert httpx.get(f"{s.url}/v1/models").status_code == 401
     assert key not in caplog.text
 
 

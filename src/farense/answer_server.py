@@ -1,20 +1,26 @@
 """`farense serve`: a resident HTTP answer server on the published adapter (FastAPI + uvicorn).
 
 - `POST /ask` returns the JSON object `farense ask` prints (the same function makes both answers);
-- `POST /v1/chat/completions` is OpenAI-style, with `"stream": true` as server-sent events (greedy only:
-  sampling fields are accepted and ignored);
-- `GET /health` names the model and adapter and counts uptime and requests.
+- `POST /v1/chat/completions` is OpenAI's, with `"stream": true` as server-sent events: greedy by default, `stop`,
+  `temperature`, `top_p` and `seed` honoured, any other OpenAI field that would change the answer refused with a
+  4xx naming it (`CHAT_FIELDS_REFUSED`), fields OpenAI does not define ignored;
+- `GET /v1/models` (and `/v1/models/{id}`) name the one model served: the base model and the live adapter;
+- `GET /health` says the server is up; with the key (or when none is set) it names the model and adapter and
+  counts uptime and requests.
 
 MLX decodes one stream at a time, so every generation (and every adapter load) runs on one worker thread; up to
 `queue_size` requests wait for it and the next one gets 503 with Retry-After at once. When `published/latest`
 points somewhere new, the new adapter is loaded on that thread between answers and swapped in; requests already
 accepted finish on the adapter they were accepted with. An API key, if `FARENSE_API_KEY` is set, is required on
-the answering routes (Authorization: Bearer or X-API-Key); it is never logged.
+the answering routes (Authorization: Bearer or X-API-Key); it is never logged. Clients that stall get deadlines
+(farense.http_timeouts). Errors on /v1/* are OpenAI's shape ({"error": {"message", "type", "param", "code"}}),
+on the others farense's ({"status": "error", "error", "field"}).
 """
 
 from __future__ import annotations
 
 import asyncio
+import calendar
 import concurrent.futures
 import hmac
 import json
@@ -27,15 +33,22 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+import farense  # noqa: F401  (preloads OpenBLAS before mlx)
+import mlx.core as mx
+import uvicorn
+from mlx_lm.sample_utils import make_sampler
 
 from farense.answer import DEFAULT_MAX_TOKENS, PublishedModel, answer, answer_object, load_published
+from farense.http_timeouts import StallTimeouts, uvicorn_config
+from farense.inference import InferenceModel
 
 log = logging.getLogger("farense.serve")
 
@@ -72,13 +85,96 @@ class AskBody(BaseModel):
     max_tokens: StrictInt = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT)
 
 
-class ChatBody(BaseModel):
+class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False  # usage comes in the last chunk whether asked or not
+
+
+class ChatBody(BaseModel):
+    """The OpenAI chat-completion fields honoured; the ones refused are in CHAT_FIELDS_REFUSED, others ignored."""
+
+    model_config = ConfigDict(extra="allow")  # kept in model_extra, for refuse_unsupported to look at
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[StrictInt] = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     stream: StrictBool = False
-    model: Optional[StrictStr] = None
+    stream_options: Optional[StreamOptions] = None
+    model: Optional[StrictStr] = None  # any name: one model is served, and the reply's `model` says which
+    stop: Union[StrictStr, list[StrictStr], None] = None
+    temperature: Optional[StrictFloat] = Field(None, ge=0, le=2)  # None or 0: greedy, unlike OpenAI's default 1
+    top_p: Optional[StrictFloat] = Field(None, ge=0, le=1)
+    seed: Optional[StrictInt] = None
+
+
+# OpenAI's fields that would change the answer in a way this server does not do: each is refused (422 naming it)
+# unless it holds a value that asks for nothing (as JSON text), or null.
+CHAT_FIELDS_REFUSED: dict[str, tuple[set[str], str]] = {
+    "n": ({"1"}, "one choice per request: send n requests (with a seed each, to sample different answers)"),
+    "response_format": ({'{"type": "text"}'}, 'answers are text: only {"type": "text"}'),
+    "logprobs": ({"false"}, "log-probabilities are not returned"),
+    "top_logprobs": ({"0"}, "log-probabilities are not returned"),
+    "logit_bias": ({"{}"}, "logit_bias is not applied"),
+    "frequency_penalty": ({"0", "0.0"}, "repetition penalties are not applied"),
+    "presence_penalty": ({"0", "0.0"}, "repetition penalties are not applied"),
+    "tools": ({"[]"}, "the model does not call tools"),
+    "tool_choice": ({'"none"', '"auto"'}, "the model does not call tools"),
+    "functions": ({"[]"}, "the model does not call functions"),
+    "function_call": ({'"none"', '"auto"'}, "the model does not call functions"),
+    "modalities": ({'["text"]'}, 'answers are text: only ["text"]'),
+    "audio": (set(), "answers are text"),
+    "reasoning_effort": (set(), "the model does not reason before answering"),
+    "verbosity": ({'"medium"'}, "the answer's length is the model's own; use max_tokens to cap it"),
+    "web_search_options": (set(), "the model does not search the web"),
+}
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+
+
+def refuse_unsupported(body: ChatBody) -> None:
+    """A 422 naming the first field asked for that this server cannot honour."""
+    for name, value in (body.model_extra or {}).items():
+        if name in CHAT_FIELDS_REFUSED and value is not None:
+            allowed, why = CHAT_FIELDS_REFUSED[name]
+            if json.dumps(value) not in allowed:
+                raise RequestError(422, name, f"{name}={json.dumps(value)[:80]} is not supported: {why}")
+    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stops) > MAX_STOP_STRINGS or not all(stops):
+        raise RequestError(422, "stop", f"stop: give 1 to {MAX_STOP_STRINGS} non-empty strings")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a chat request is decoded: greedy and speculative unless it asks for sampling (temperature > 0), then
+    with mlx-lm's sampler, seeded as mlx_lm.server does when a seed is given."""
+
+    stop: tuple[str, ...] = ()
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def of(cls, body: ChatBody) -> "Decoding":
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        top_p = 1.0 if body.top_p is None else body.top_p
+        return cls(stop, body.temperature or 0.0, top_p, body.seed)
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0 and self.top_p > 0  # top_p 0 keeps only the likeliest token: greedy
+
+    def stream(self, engine: InferenceModel, ids: list[int], max_tokens: int) -> Any:
+        """Call on the generation thread (the seed is mlx's global one): the engine's stream, set up."""
+        sampler = None
+        if self.sampling:
+            if self.seed is not None:
+                mx.random.seed(self.seed)
+            sampler = make_sampler(self.temperature, top_p=self.top_p)
+        return engine.stream(ids, max_tokens, stop=self.stop, sampler=sampler)
+
+    def generate(self, engine: InferenceModel, ids: list[int], max_tokens: int) -> Any:
+        result = None
+        for piece in self.stream(engine, ids, max_tokens):
+            result = piece
+        return result
 
 
 # ---------------------------------------------------------------- the one generation thread
@@ -203,26 +299,33 @@ def create_app(
     app.state.worker = worker
 
     @app.exception_handler(RequestError)
-    async def request_error(_: Request, e: RequestError) -> JSONResponse:
-        return JSONResponse(error_body(str(e), e.field), status_code=e.status, headers=e.headers)
+    async def request_error(request: Request, e: RequestError) -> JSONResponse:
+        return JSONResponse(error_body(str(e), e.field, request.url.path, e.status), status_code=e.status,
+                            headers=e.headers)  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         field, message = describe_validation_error(e.errors())
-        return JSONResponse(error_body(message, field), status_code=400 if field == "body" else 422)
+        status = 400 if field == "body" else 422
+        return JSONResponse(error_body(message, field, request.url.path, status), status_code=status)
 
-    def require_key(request: Request) -> None:
+    def key_ok(request: Request) -> bool:
         if not api_key:
-            return
+            return True
         given = request.headers.get("x-api-key") or ""
         auth = request.headers.get("authorization") or ""
         if auth.lower().startswith("bearer "):
             given = auth[7:].strip()
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
+        return hmac.compare_digest(given.encode(), api_key.encode())
+
+    def require_key(request: Request) -> None:
+        if not key_ok(request):
             raise RequestError(401, "authorization", f"missing or wrong API key (send Authorization: Bearer <{API_KEY_ENV}>)")
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        if not key_ok(request):  # a load balancer's check needs no key, and learns nothing but that we are up
+            return {"status": "ok"}
         pm, s = worker.current, worker.stats
         return {"status": "ok", "model": pm.name, "adapter": pm.adapter, "uptime_s": round(time.time() - s.started, 1),
                 "requests_served": s.served, "requests_failed": s.failed, "rejected_busy": s.rejected_busy,
@@ -245,17 +348,30 @@ def create_app(
         worker.admit()
         return await worker.run(answer, pm, prompt, body.max_tokens, history)
 
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(worker.current)]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(require_key)])
+    async def model_by_id(name: str) -> dict[str, Any]:
+        card = model_card(worker.current)
+        if name != card["id"]:
+            raise RequestError(404, "model", f"no model '{name}' here; GET /v1/models lists the one served")
+        return card
+
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(body: ChatBody) -> Any:
+        refuse_unsupported(body)
         pm = worker.current
         messages = [m.model_dump() for m in body.messages]
         max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         ids = check_length(pm, messages, max_tokens, "messages", field)
+        decoding = Decoding.of(body)
         worker.admit()
-        cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), f"{pm.name}+{pm.adapter}"
+        cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_id(pm)
         if not body.stream:
-            g = await worker.run(pm.engine.generate, ids, max_tokens)
+            g = await worker.run(decoding.generate, pm.engine, ids, max_tokens)
             return {
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
@@ -263,9 +379,24 @@ def create_app(
                 "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.tokens,
                           "total_tokens": g.prompt_tokens + g.tokens},
             }  # fmt: skip
-        return EventSourceResponse(stream_chat(worker, pm, ids, max_tokens, cid, created, model))
+        return EventSourceResponse(stream_chat(worker, pm, decoding, ids, max_tokens, cid, created, model))
 
     return app
+
+
+def model_id(pm: PublishedModel) -> str:
+    """The served model's name in OpenAI's `model` fields: the base model and the adapter version."""
+    return f"{pm.name}+{pm.adapter}"
+
+
+def model_card(pm: PublishedModel) -> dict[str, Any]:
+    """OpenAI's model object for the published adapter on its base (`created`: when it was published)."""
+    try:
+        created = calendar.timegm(time.strptime(str(pm.metadata.get("created_at")), "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        created = int(pm.version_dir.stat().st_mtime)
+    return {"id": model_id(pm), "object": "model", "created": created, "owned_by": "farense",
+            "base_model": pm.name, "adapter": pm.adapter, "context_length": pm.engine.context_length}  # fmt: skip
 
 
 def check_length(pm: PublishedModel, messages: list[dict[str, str]], max_tokens: int, prompt_field: str,
@@ -283,8 +414,8 @@ def check_length(pm: PublishedModel, messages: list[dict[str, str]], max_tokens:
     return ids
 
 
-async def stream_chat(worker: AnswerWorker, pm: PublishedModel, ids: list[int], max_tokens: int, cid: str,
-                      created: int, model: str) -> AsyncIterator[bytes]:  # fmt: skip
+async def stream_chat(worker: AnswerWorker, pm: PublishedModel, decoding: Decoding, ids: list[int],
+                      max_tokens: int, cid: str, created: int, model: str) -> AsyncIterator[bytes]:  # fmt: skip
     """OpenAI chat.completion.chunk events; the generation thread hands pieces over through an asyncio queue."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -294,7 +425,7 @@ async def stream_chat(worker: AnswerWorker, pm: PublishedModel, ids: list[int], 
         result = None
         started = False
         try:
-            for piece in pm.engine.stream(ids, max_tokens):
+            for piece in decoding.stream(pm.engine, ids, max_tokens):
                 if cancelled.is_set():
                     break  # the client went away: closing the generator frees the thread
                 if isinstance(piece, str):
@@ -330,7 +461,12 @@ async def stream_chat(worker: AnswerWorker, pm: PublishedModel, ids: list[int], 
         cancelled.set()
 
 
-def error_body(message: str, field: str | None) -> dict[str, Any]:
+def error_body(message: str, field: str | None, path: str = "", status: int = 400) -> dict[str, Any]:
+    """farense's error object, or OpenAI's on /v1/* (its SDKs read `error.message` and `error.param`)."""
+    if path.startswith("/v1/"):
+        code = {401: "invalid_api_key", 404: "model_not_found", 503: "server_busy"}.get(status)
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        return {"error": {"message": message, "type": kind, "param": field, "code": code}}
     return {"status": "error", "error": message, **({"field": field} if field else {})}
 
 
@@ -351,10 +487,9 @@ def describe_validation_error(errors: Any) -> tuple[str, str]:
 # ---------------------------------------------------------------- the command
 
 
-def serve_command(host: str, port: int, artifacts_dir: Path, queue_size: int, watch_seconds: float) -> int:
+def serve_command(host: str, port: int, artifacts_dir: Path, queue_size: int, watch_seconds: float,
+                  timeouts: StallTimeouts = StallTimeouts()) -> int:  # fmt: skip
     """Load the published adapter and serve until interrupted; returns the exit code."""
-    import uvicorn
-
     from farense.answer import AskError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -368,5 +503,7 @@ def serve_command(host: str, port: int, artifacts_dir: Path, queue_size: int, wa
         log.error("serve: %s", e)
         return 1
     log.info("serve: http://%s:%d  (API key %s)", host, port, "required" if api_key else "off")
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    log.info("serve: deadlines: headers %g s, body %g s, idle keep-alive %d s", timeouts.headers_s, timeouts.body_s,
+             timeouts.keep_alive_s)  # fmt: skip
+    uvicorn.Server(uvicorn_config(app, host, port, timeouts, log_level="info", access_log=False)).run()
     return 0

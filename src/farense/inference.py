@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -35,6 +35,7 @@ from farense.answer_draft import AnswerDraft, DraftCorpus
 Messages = Sequence[dict[str, str]]
 DRAFT_TOKENS = 48  # most guesses checked per forward pass (benchmarks/decode_speed.py compares 0-48)
 Prompt = Union[str, Sequence[int], Messages]
+Sampler = Callable[[mx.array], mx.array]  # mlx_lm.sample_utils.make_sampler's: log-probabilities -> tokens
 
 
 @dataclass
@@ -79,17 +80,23 @@ class InferenceModel:
             return _apply_template(self.tokenizer, messages)
         return [int(t) for t in items]
 
-    def generate(self, prompt: Prompt, max_tokens: int) -> Generation:
-        """Greedy answer, stopping at the end-of-turn token or after max_tokens."""
+    def generate(self, prompt: Prompt, max_tokens: int, *, stop: Sequence[str] = (),
+                 sampler: Sampler | None = None) -> Generation:  # fmt: skip
+        """The answer (greedy unless a sampler is given), stopping at the end-of-turn token, a stop string or after
+        max_tokens."""
         result = None
-        for piece in self.stream(prompt, max_tokens):
+        for piece in self.stream(prompt, max_tokens, stop=stop, sampler=sampler):
             if isinstance(piece, Generation):
                 result = piece
         assert result is not None
         return result
 
-    def stream(self, prompt: Prompt, max_tokens: int) -> Iterator[str | Generation]:
-        """Yield the answer's text pieces as they are decoded, then one Generation (text stripped, as `generate`)."""
+    def stream(self, prompt: Prompt, max_tokens: int, *, stop: Sequence[str] = (),
+               sampler: Sampler | None = None) -> Iterator[str | Generation]:  # fmt: skip
+        """Yield the answer's text pieces as they are decoded, then one Generation (text stripped, as `generate`).
+
+        `stop`: strings that end the answer, left out of it (OpenAI's `stop`). `sampler`: one of mlx-lm's
+        (`make_sampler`), decoded plainly; without one the answer is greedy, decoded speculatively."""
         from mlx_lm.generate import stream_generate
 
         ids = self.prompt_ids(prompt)
@@ -101,14 +108,15 @@ class InferenceModel:
         question = _question(prompt)
         responses = None
         # With nothing to draft from (no training answers, no earlier answer), guesses would only add work.
-        if self.draft is not None and self.draft_tokens > 0 and self.draft.has_memory:
+        if sampler is None and self.draft is not None and self.draft_tokens > 0 and self.draft.has_memory:
             tokens = self._speculative(ids, cached, cache or _fresh_cache(self.model), question, max_tokens)
         else:
             responses = stream_generate(self.model, self.tokenizer, ids[cached:], max_tokens=max_tokens,
-                                        prompt_cache=cache)  # fmt: skip
+                                        prompt_cache=cache, sampler=sampler)  # fmt: skip
             tokens = (r.token for r in responses)
         detokenizer = self.tokenizer.detokenizer
         eos = set(self.tokenizer.eos_token_ids)
+        stops = StopStrings(stop)
         pieces: list[str] = []
         answer: list[int] = []
         try:
@@ -119,10 +127,12 @@ class InferenceModel:
                 detokenizer.add_token(token)
                 if len(answer) == max_tokens:
                     break
-                piece = detokenizer.last_segment
+                piece = stops.feed(detokenizer.last_segment)
                 if piece:
                     pieces.append(piece)
                     yield piece
+                if stops.hit:
+                    break
         finally:
             tokens.close()
             if responses is not None:
@@ -131,15 +141,15 @@ class InferenceModel:
                 from mlx_lm.models.cache import trim_prompt_cache
 
                 trim_prompt_cache(self._cache, self._cache[0].offset - cached)
-            if self.draft is not None:
+            if self.draft is not None and sampler is None:  # a sampled answer is no guess of the greedy one
                 self.draft.remember(answer, question)
         detokenizer.finalize()
-        piece = detokenizer.last_segment  # reading it consumes it
+        piece = stops.feed(detokenizer.last_segment) + stops.flush()  # reading last_segment consumes it
         if piece:
             pieces.append(piece)
             yield piece
         seconds = time.perf_counter() - start
-        finish = None if not answer else "stop" if answer[-1] in eos else "length"
+        finish = None if not answer else "stop" if answer[-1] in eos or stops.hit else "length"
         yield Generation("".join(pieces).strip(), len(answer), len(ids), seconds, finish, cached)
 
     def _speculative(
@@ -190,6 +200,33 @@ class InferenceModel:
         self.model(mx.array(prefix)[None], cache=cache)
         mx.eval([c.state for c in cache])
         self._prefix, self._cache = list(prefix), cache
+
+
+class StopStrings:
+    """Strings that end an answer (OpenAI's `stop`), found in the decoded text, not in token ids: mlx-lm's
+    TextStateMachine holds back text that may be the start of one, and the answer ends before the first found."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        from mlx_lm.generate import TextStateMachine
+
+        self._machine = TextStateMachine
+        self._state = TextStateMachine({"normal": [(s, None) for s in stop]}).make_state() if stop else None
+        self.hit = False
+
+    def feed(self, text: str) -> str:
+        """The part of `text` that is surely answer; none once a stop string was found."""
+        if self.hit or self._state is None:
+            return "" if self.hit else text
+        self._state, segments = self._machine.split(self._state, text)
+        self.hit = self._state[0] is None
+        return "".join(t for _, t in segments)
+
+    def flush(self) -> str:
+        """What was held back, at the end of an answer that no stop string ended."""
+        if self._state is None or self.hit:
+            return ""
+        self._state, rest, _ = self._machine.flush(self._state)
+        return rest
 
 
 def load(
