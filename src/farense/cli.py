@@ -182,7 +182,8 @@ def serve(
     queue_size: Annotated[int, typer.Option(help="Requests that may wait for the model; more get 503")] = 8,
     watch_seconds: Annotated[float, typer.Option(help="How often to look for a newly published adapter (0: never)")] = 2.0,
 ) -> None:
-    """Answer over HTTP with the published adapter, loaded once: POST /ask, POST /v1/chat/completions, GET /health."""
+    """Answer over HTTP with the published adapter, loaded once: POST /ask, POST /v1/chat/completions,
+    GET /v1/models, GET /health (docs/serving.md)."""
     from farense.answer import resolve_artifacts
     from farense.answer_server import serve_command
 
