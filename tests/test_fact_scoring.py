@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DECLINE = "Não tenho essa informação atualizada; consulta os canais oficiais do clube."
 
 
-def q(category: str, asks: tuple[str, ...] = (), **more: object) -> HeldOutQuestion:
-    return HeldOutQuestion(id="x", question="?", reference="ref", category=category, asks=asks, **more)  # type: ignore[arg-type]
+def q(category: str, asks: tuple[str, ...] = (), question: str = "?", **more: object) -> HeldOutQuestion:
+    return HeldOutQuestion(id="x", question=question, reference="ref", category=category, asks=asks, **more)  # type: ignore[arg-type]
 
 
 Q = {
@@ -193,15 +193,20 @@ def test_an_opening_negation_on_a_yes_question_counts_as_a_contradiction() -> No
     assert not score_answer(Q["fp_year"], "Não, em 1910.").contradiction  # denying a false premise is right
 
 
-def test_the_issue_s_named_failures_on_the_dev_questions() -> None:
+def test_the_issue_s_named_failures() -> None:
+    """Each answer the yardstick issue reproduced against the old scorer, on the question it was asked (uefa-2 is
+    still in the dev set; best-3 and stadium-1 left it as near copies of training questions)."""
     dev = {x.id: x for x in load_questions(ROOT / "data/eval/dev.jsonl")}
+    best_3 = q("fact", ("best.place",), facts=("best",), question="melhor lugar de sempre na primeira divisao?")
+    stadium_1 = q("fact", ("stadium.name",), facts=("stadium",), question="estádio?")
     assert not score_answer(dev["uefa-2"], "Não. O Farense jogou a Taça UEFA em 1995-96.").passed
-    assert not score_answer(dev["best-3"], "Em 1995 o Farense foi vice-campeão.").passed
-    assert not score_answer(dev["stadium-1"], "O Farense joga no Estádio do Algarve, não no São Luís.").passed
+    assert not score_answer(best_3, "Em 1995 o Farense foi vice-campeão.").passed
+    assert not score_answer(stadium_1, "O Farense joga no Estádio do Algarve, não no São Luís.").passed
     assert not score_answer(dev["live-2"], "Não tenho informação atualizada sobre bilhetes; custa 10 euros.").passed
+    assert not score_answer(dev["live-6"], "Não tenho informação atualizada; o treinador é o Rui Costa.").passed
     assert score_answer(dev["best-4"], "Terminou na 5.ª posição.").passed
     assert score_answer(dev["best-4"], "Acabou na quinta posição.").passed
-    assert score_answer(dev["best-1"], "O 5.º lugar, em 94/95.").passed
+    assert score_answer(dev["best-2"], "O 5.º lugar, em 94/95.").passed
     assert score_answer(dev["cup-3"], "O Farense foi finalista vencido da Taça de Portugal em 1990.").passed
 
 

@@ -70,5 +70,5 @@ CONTRADICTIONS: dict[str, str] = {
 }
 
 # The years and seasons the facts mention; any other one in an answer invents a fact.
-KNOWN_YEARS = frozenset({"1910", "1990", "1994", "1995", "1996"})
+KNOWN_YEARS = frozenset({"1910", "1990", "1994", "1995", "1996", "2010"})  # 2010: the centenary of 1910
 KNOWN_SEASONS = frozenset({(94, 95), (95, 96)})

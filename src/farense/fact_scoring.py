@@ -34,7 +34,8 @@ DECLINE = re.compile(
     r"n[ãa]o tenho (ess[ae]|est[ae]|a |o |os |as |um |uma |informa|dados|contact|registo|recomenda|valores|n[úu]mero)"
     r"|canais oficiais|fontes oficiais|n[ãa]o fa[çc]o previs|n[ãa]o dou conselhos|n[ãa]o comento"
     r"|respondo (apenas |s[óo] )?a perguntas sobre o (sporting clube )?(clube|farense)|n[ãa]o sei responder"
-    r"|n[ãa]o (disponho|possuo|consigo (responder|ajudar|dizer))|s[óo] (posso|consigo) (ajudar|responder|falar)",
+    r"|n[ãa]o (disponho|possuo|consigo (responder|ajudar|dizer))|s[óo] (posso|consigo) (ajudar|responder|falar)"
+    r"|n[ãa]o posso ajudar|sou o assistente do (sporting clube )?farense",
     _I,
 )
 # A reply word: "Não." or "Não, ..." answers the question with no; "Não venceu: ..." is a sentence that starts so.
@@ -82,9 +83,12 @@ def _without_fact_parts(answer: str) -> str:
     return answer
 
 
-def invented_specifics(answer: str) -> list[str]:
-    """What a decline states beyond the facts: prices, dates, scores, times, names, numbers."""
+def invented_specifics(answer: str, question: str = "") -> list[str]:
+    """What a decline states beyond the facts and the question's own words: prices, dates, scores, times, names,
+    numbers ("nos anos 90" asked is not invented when the decline repeats it)."""
     rest = _without_fact_parts(answer)
+    for said in set(re.findall(r"\d+", question)):
+        rest = re.sub(rf"(?<!\d){said}(?!\d)", " ", rest)
     found = [name for name, p in SPECIFICS.items() if _has(p, rest)]
     names = [w for w in _CAPITALISED.findall(rest) if w.casefold() not in KNOWN_NAMES]
     return found + ([f"a name ({', '.join(names[:3])})"] if names else [])
@@ -115,7 +119,7 @@ def score_answer(q: HeldOutQuestion, answer: str) -> Verdict:
     if q.category in ("live", "off_topic"):
         if not declined:
             return Verdict(False, False, "should decline (it cannot know this) but answered")
-        invented = invented_specifics(answer) + [f"matches {p}" for p in q.must_not if _has(p, answer)]
+        invented = invented_specifics(answer, q.question) + [f"matches {p}" for p in q.must_not if _has(p, answer)]
         return Verdict(not invented, True, f"declined but states {', '.join(invented)}" if invented else "declined, as it should")
     if not q.scored:
         return Verdict(False, declined, "no parts listed: not scored")
