@@ -39,6 +39,7 @@ from farense.blas import blas_core, blas_status  # noqa: E402
 from farense.checkpoint import TrainState  # noqa: E402
 from farense.config import load_config, parse_override  # noqa: E402
 from farense.distributed import launched, local_ring, requested_processes, world  # noqa: E402
+from farense.jsonl import read_jsonl  # noqa: E402
 from farense.stages import run_local  # noqa: E402
 from farense.train import (  # noqa: E402
     BatchOrder,
@@ -46,7 +47,6 @@ from farense.train import (  # noqa: E402
     build_optimizer,
     drop_unlearnable,
     load_for_training,
-    load_jsonl,
     read_metrics,
     tokenize_rows,
     train_loop,
@@ -159,12 +159,12 @@ def main() -> None:
     data_dir, model_dir = Path(built["data"]["path"]), Path(built["model"]["path"])
 
     def stream_windows(tokenizer, tcfg):  # noqa: ANN001, ANN202
-        rows = load_jsonl(data_dir / "train.jsonl")
+        rows = read_jsonl(data_dir / "train.jsonl")
         stream = [t for toks, _ in tokenize_rows(rows, tokenizer, mask_prompt=False) for t in toks]
         return windows(stream, tcfg.max_seq_length, len(stream) // (tcfg.max_seq_length + 1))
 
     def chat_split(tokenizer, tcfg):  # noqa: ANN001, ANN202
-        rows = tokenize_rows(load_jsonl(data_dir / "train.jsonl"), tokenizer, tcfg.mask_prompt)
+        rows = tokenize_rows(read_jsonl(data_dir / "train.jsonl"), tokenizer, tcfg.mask_prompt)
         return drop_unlearnable(rows, tcfg.max_seq_length)[0]
 
     if args.only == "profile":

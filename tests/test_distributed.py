@@ -34,11 +34,12 @@ GRAD_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from farense import distributed
     from farense.config import load_config
-    from farense.train import BatchOrder, collate, drop_unlearnable, load_for_training, load_jsonl, loss_fn, tokenize_rows
+    from farense.jsonl import read_jsonl
+    from farense.train import BatchOrder, collate, drop_unlearnable, load_for_training, loss_fn, tokenize_rows
     cfg = load_config(None, {{"train.compute_path": "dequantized", "train.lora_dropout": 0.0}})
     mx.random.seed(0)
     model, tok, _ = load_for_training(Path({model!r}), cfg.train)
-    rows = tokenize_rows(load_jsonl(Path({data!r}) / "train.jsonl"), tok, True)
+    rows = tokenize_rows(read_jsonl(Path({data!r}) / "train.jsonl"), tok, True)
     examples, _ = drop_unlearnable(rows, 256)
     idx = BatchOrder(examples, 4, 0).batch_at(1)[2]
     group = distributed.world()
@@ -62,7 +63,7 @@ def test_launch_uses_mlx_launch_with_one_process_per_device(tmp_path: Path) -> N
     assert "mlx.launch" in cmd[0] or "mlx._distributed_utils.launch" in cmd[2]
     assert cmd[cmd.index("-n") + 1] == "2"
     assert cmd[cmd.index("--backend") + 1] == ("nccl" if mx.cuda.is_available() else "ring")
-    assert cmd[-3:] == ["-m", "farense.distributed", str(tmp_path / "job.json")]
+    assert cmd[-3:] == ["-m", "farense.train_worker", str(tmp_path / "job.json")]
 
 
 def test_a_hostfile_sets_the_processes_and_its_backend(tmp_path: Path) -> None:

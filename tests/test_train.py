@@ -18,10 +18,10 @@ import pytest
 
 from farense.checkpoint import find_resumable, list_checkpoints
 from farense.config import load_config
-from farense.errors import TrainingError
+from farense.errors import TrainingError, TrainingInterrupted
 from farense.progress import NullReporter
 from farense.stages import StageContext
-from farense.train import TrainingInterrupted, fit_batch, read_metrics, train_stage
+from farense.train import fit_batch, read_metrics, train_stage
 from tiny import write_tiny_mlx_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from farense.text import fold
 
 TOP_QUESTIONS = 3  # an answer is ranked by its closest questions, this many
 NGRAM_GUESSES = 8  # prompt-lookup guesses per step when no training answer agrees (decode_speed.py compared 2-8)
@@ -70,8 +71,7 @@ def draft_corpus(rows: Iterable[dict[str, Any]]) -> DraftCorpus:
 
 def features(text: str) -> set[str]:
     """Words and the letter trigrams of each word, lower case with accents folded ("Estádio?" ~ "estadio")."""
-    folded = unicodedata.normalize("NFKD", text.lower())
-    words = re.findall(r"\w+", "".join(c for c in folded if not unicodedata.combining(c)))
+    words = re.findall(r"\w+", fold(text))
     out = set(words)
     for w in words:
         padded = f" {w} "

@@ -3,20 +3,13 @@ that is a pure function of (seed, epoch), and padding to a small multiple."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from farense.errors import TrainingError
-
-
-def load_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, mask_prompt: bool) -> list[tuple[list[int], int]]:

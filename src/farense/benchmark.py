@@ -22,11 +22,24 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from farense.blas import blas_core, blas_status
+from farense.checkpoint import TrainState
+from farense.compute import apply_compute_path, select_compute_path
 from farense.config import BenchmarkConfig, FarenseConfig
-from farense.evaluate import ADAPTER_DIR, ADAPTER_FILE, METRICS_FILE, attach_adapter, chat_prompt, load_base
-from farense.evaluate import load_jsonl_rows, most_common_system_prompt
+from farense.evaluate import ADAPTER_DIR, ADAPTER_FILE, METRICS_FILE, attach_adapter, load_base
+from farense.evaluate import most_common_system_prompt
 from farense.eval_questions import load_questions
-from farense.train import TrainReport, drop_unlearnable, read_metrics, tokenize_rows
+from farense.jsonl import read_jsonl
+from farense.prompting import chat_prompt
+from farense.train import (
+    TrainReport,
+    build_optimizer,
+    drop_unlearnable,
+    lora_parameters,
+    read_metrics,
+    tokenize_rows,
+    train_loop,
+)
 
 RESULTS_FILE = "comparison_results.json"
 LOSS_PNG = "loss_curves.png"
@@ -72,10 +85,6 @@ def measure_training(cfg: FarenseConfig, model_dir: Path, train_set: list, mode:
     warm-up (graph compilation, first allocations) are timed."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load
-
-    from farense.checkpoint import TrainState
-    from farense.compute import apply_compute_path
-    from farense.train import build_optimizer, lora_parameters, train_loop
 
     on_cpu = mx.default_device() == mx.cpu
     steps, warmup, batch, seq = training_run_shape(cfg.benchmark, mode, on_cpu)
@@ -169,8 +178,6 @@ def measure_generation(model: nn.Module, tokenizer: Any, prompt: list[int], toke
 
 def generation_rows(cfg: FarenseConfig, model_dir: Path, adapter_dir: Path, prompt_of: Any) -> list[dict[str, Any]]:
     """Base and tuned (adapter unfused, as `--adapter-path` serves it) on each benchmarked compute path."""
-    from farense.compute import select_compute_path
-
     paths = [select_compute_path(cfg.train.compute_path)]
     if cfg.benchmark.native_generation and "quantized" not in paths:
         paths.append("quantized")
@@ -232,8 +239,7 @@ def _release() -> None:
 
 def benchmark_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     """Measure LoRA vs QLoRA and base vs tuned; write comparison_results.json, a table and two PNGs."""
-    from farense.blas import blas_core, blas_status
-    from farense.plots import plot_comparison, plot_loss_curves
+    from farense.plots import plot_comparison, plot_loss_curves  # matplotlib: only when the stage runs
 
     data_dir, model_dir, train_dir, valid_dir = (Path(ctx.upstream[s]) for s in ("data", "model", "train", "validate"))
     out, reporter = Path(ctx.out_dir), ctx.reporter
@@ -249,7 +255,7 @@ def benchmark_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(model_dir)
     train_set, _ = drop_unlearnable(
-        tokenize_rows(load_jsonl_rows(data_dir / "train.jsonl"), tokenizer, cfg.train.mask_prompt), b.max_seq_length
+        tokenize_rows(read_jsonl(data_dir / "train.jsonl"), tokenizer, cfg.train.mask_prompt), b.max_seq_length
     )
 
     training = []
@@ -259,7 +265,7 @@ def benchmark_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
         reporter.progress(f"benchmark: {mode} {row['tokens_per_s']:.0f} tok/s", (i + 1) / total_parts)
         reporter.log(f"benchmark: training {mode}: {row['tokens_per_s']:.1f} tok/s, peak {row['peak_gb']:.3f} GB")
 
-    system_prompt = most_common_system_prompt(load_jsonl_rows(data_dir / "train.jsonl"))
+    system_prompt = most_common_system_prompt(read_jsonl(data_dir / "train.jsonl"))
     qpath = cfg.data.dev_questions
     questions = load_questions(qpath, 1) if qpath.is_file() else []
     question = questions[0].question if questions else _first_user_message(data_dir / "valid.jsonl")
@@ -346,7 +352,7 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _first_user_message(path: Path) -> str:
-    for row in load_jsonl_rows(path):
+    for row in read_jsonl(path):
         for m in row.get("messages", []):
             if m.get("role") == "user":
                 return m["content"]

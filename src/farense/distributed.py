@@ -8,8 +8,8 @@ batch's loss tokens and then averaged with `mlx.nn.average_gradients` (as mlx-lm
 the gradient of the global batch's token-weighted mean loss: what one process computes on the whole batch, up to
 float rounding. Rank 0 alone writes checkpoints, metrics and outputs; every rank resumes from the same checkpoint.
 
-`launch_train` starts the worker processes from inside the train stage (`train.devices`), and `main` is the worker
-entry point: `python -m farense.distributed JOB.json`, one per rank.
+`launch_train` starts the worker processes from inside the train stage (`train.devices`); each runs
+`python -m farense.train_worker JOB.json` (its rank's train stage).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import mlx.core as mx
 from mlx.nn import average_gradients
 from mlx.utils import tree_map
 
+from farense.errors import ConfigError, TrainingError, TrainingInterrupted
+
 if TYPE_CHECKING:
     from farense.config import FarenseConfig, TrainConfig
 
@@ -40,6 +42,7 @@ REPORT_PREFIX = "@@farense-report "  # lines a worker prints for the launching p
 RESULT_FILE = "distributed-summary.json"
 BACKEND_ENV = "FARENSE_DISTRIBUTED_BACKEND"
 LAUNCH_MAIN = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
+WORKER_MODULE = "farense.train_worker"  # each rank: `python -m farense.train_worker JOB.json`
 
 
 # ---------------------------------------------------------------- inside a run
@@ -125,8 +128,6 @@ def hostfile_backend(path: Path) -> str:
 
 
 def read_hostfile(path: Path) -> list[Any]:
-    from farense.errors import ConfigError
-
     try:
         hosts = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -175,7 +176,7 @@ def launch_command(n: int, job: Path, tcfg: TrainConfig) -> list[str]:
     else:
         cmd += ["-n", str(n)]
     cmd += ["--starting-port", str(_free_ports(n)), "--nccl-port", str(_free_ports(1)), "--cwd", os.getcwd()]
-    return cmd + ["--", "-m", "farense.distributed", str(job)]
+    return cmd + ["--", "-m", WORKER_MODULE, str(job)]
 
 
 def local_ring(n: int, work: Path) -> list[dict[str, str]]:
@@ -233,7 +234,7 @@ def start_ranks(
     pipe = {**common, "stdout": subprocess.PIPE, "text": True}
     if not uses_local_ring(tcfg):
         return [subprocess.Popen(launch_command(n, job, tcfg), env=env, **pipe)], []
-    worker = [sys.executable, "-m", "farense.distributed", str(job)]
+    worker = [sys.executable, "-m", WORKER_MODULE, str(job)]
     procs, logs = [], []
     for r, rank_env in enumerate(local_ring(n, work)):
         if r > 0:
@@ -248,8 +249,6 @@ def launch_train(cfg: FarenseConfig, ctx: Any, n: int) -> dict[str, Any]:
 
     The job file carries the config and the stage's folders; workers report progress as prefixed JSON lines that
     are replayed here into `ctx.reporter`. The work folder (checkpoints) must be shared by all hosts."""
-    from farense.errors import TrainingError
-
     work = Path(ctx.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     result = work / RESULT_FILE
@@ -301,68 +300,8 @@ def launch_train(cfg: FarenseConfig, ctx: Any, n: int) -> dict[str, Any]:
         for f in logs:
             f.close()
     if not result.is_file():
-        from farense.train import TrainingInterrupted
-
         errors = sorted(work.glob("rank-*.error"))
         detail = "; ".join(e.read_text().strip() for e in errors) or "\n".join(tail[-10:])
         cls = TrainingInterrupted if errors and "interrupted" in detail else TrainingError
         raise cls(f"distributed training ({n} processes) failed: {detail}")
     return json.loads(result.read_text())
-
-
-class LineReporter:
-    """A worker's reporter: each call becomes a prefixed JSON line for the launching process."""
-
-    def _emit(self, method: str, *args: Any) -> None:
-        print(REPORT_PREFIX + json.dumps({"method": method, "args": list(args)}, default=str), flush=True)
-
-    def progress(self, description: str, fraction: float) -> None:
-        self._emit("progress", description, fraction)
-
-    def table(self, key: str, rows: list[dict[str, Any]], description: str) -> None:
-        self._emit("table", key, rows, description)
-
-    def markdown(self, key: str, text: str, description: str) -> None:
-        self._emit("markdown", key, text, description)
-
-    def image(self, key: str, path: str, description: str) -> None:
-        self._emit("image", key, path, description)
-
-    def log(self, message: str) -> None:
-        self._emit("log", message)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Worker: `python -m farense.distributed JOB.json`, one per rank, under `mlx.launch`."""
-    from farense.config import FarenseConfig
-    from farense.kernel_cache import use_kernel_cache
-    from farense.progress import NullReporter
-    from farense.stages import StageContext
-    from farense.train import train_stage
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    job = json.loads(Path(args[0]).read_text())
-    cfg = FarenseConfig.model_validate(job["config"])
-    use_kernel_cache(cfg.artifacts_dir / "cache" / "kernels")  # this rank's own folder, before any GPU work
-    group = mx.distributed.init(strict=True)
-    rank = group.rank()
-    ctx = StageContext(
-        upstream={k: Path(v) for k, v in job["upstream"].items()},
-        out_dir=Path(job["out_dir"]),
-        work_dir=Path(job["work_dir"]),
-        reporter=LineReporter() if rank == 0 else NullReporter(),
-    )
-    error_file = Path(job["work_dir"]) / f"rank-{rank}.error"
-    error_file.unlink(missing_ok=True)
-    try:
-        summary = train_stage(cfg, ctx)
-    except BaseException as e:  # noqa: BLE001  (the launcher reads it; mlx.launch keeps no exit codes)
-        error_file.write_text(f"rank {rank}: {e.__class__.__name__}: {e}")
-        raise
-    if rank == 0:
-        Path(job["result"]).write_text(json.dumps(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

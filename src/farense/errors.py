@@ -23,3 +23,9 @@ class ModelSourceError(FarenseError):
 
 class TrainingError(FarenseError):
     """Training stopped: NaN loss, out of memory, corrupt checkpoints."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C or a cancelled run stopped training; its last checkpoint resumes it."""
+
+    exit_code = 130

@@ -24,14 +24,19 @@ import farense  # noqa: F401  (preloads OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 
+from farense.checkpoint import STATE
+from farense.compute import apply_compute_path, select_compute_path
 from farense.config import FarenseConfig
 from farense.errors import FarenseError
 from farense.accuracy import fact_summary, flat_rates, headline
 from farense.eval_questions import HeldOutQuestion, load_questions
 from farense.fact_scoring import SCORER_VERSION, Verdict, score_answer
-from farense.jsonl import numbered_jsonl_objects
+from farense.jsonl import read_jsonl
+from farense.prompting import chat_prompt
 from farense.store import sha256_file
 from farense.text import normalize_words
+from farense.train import drop_unlearnable, read_metrics, tokenize_rows
+from farense.train import evaluate as trainer_evaluate
 from farense.validation_report import answer_rows, answers_markdown, metric_rows
 
 ADAPTER_DIR = "adapter"
@@ -64,10 +69,6 @@ def token_f1(prediction: str, reference: str) -> dict[str, float]:
 # ---------------------------------------------------------------- inputs
 
 
-def load_jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    return [row for _, row in numbered_jsonl_objects(path)]
-
-
 def most_common_system_prompt(rows: Sequence[dict[str, Any]]) -> str | None:
     """The system message the training data uses most, so questions are asked the way the model was taught."""
     counts = Counter(
@@ -79,25 +80,12 @@ def most_common_system_prompt(rows: Sequence[dict[str, Any]]) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def chat_prompt(tokenizer: Any, question: str, system_prompt: str | None) -> list[int]:
-    """Token ids of the question in the chat template, ending where the assistant's answer starts."""
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": question}
-    ]
-    if getattr(tokenizer, "has_chat_template", False):
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
-    text = (f"{system_prompt}\n\n" if system_prompt else "") + question + "\n"
-    return list(tokenizer.encode(text))
-
-
 # ---------------------------------------------------------------- models
 
 
 def load_base(model_dir: Path, compute_path: str = "auto") -> tuple[nn.Module, Any, dict[str, Any]]:
     """The 4-bit base with the compute path applied (dense matmuls on CPU, where quantized ones are slow)."""
     from mlx_lm.utils import load
-
-    from farense.compute import apply_compute_path, select_compute_path
 
     model, tokenizer = load(str(model_dir))
     path = select_compute_path(compute_path)
@@ -138,14 +126,12 @@ def validation_loss(
 ) -> dict[str, Any]:  # fmt: skip
     """Token-weighted loss over the validation split, with the trainer's tokenization, masking and truncation.
     `measured` is (loss, where) when the train stage already computed this very loss (`losses_from_training`)."""
-    from farense.train import drop_unlearnable, evaluate, tokenize_rows
-
     examples, skipped = drop_unlearnable(
         tokenize_rows(rows, tokenizer, cfg.train.mask_prompt), cfg.train.max_seq_length
     )
     start = time.perf_counter()
     if measured is None:
-        loss = evaluate(model, examples, cfg.train.batch_size, cfg.train.max_seq_length, cfg.eval.max_batches)
+        loss = trainer_evaluate(model, examples, cfg.train.batch_size, cfg.train.max_seq_length, cfg.eval.max_batches)
         source = "validate stage"
     else:
         loss, source = measured
@@ -168,9 +154,6 @@ def losses_from_training(train_dir: Path, cfg: FarenseConfig, adapter_file: str)
     only the summation order differs when training ran as several processes (about 1e-7 relative). Empty when the
     validation batches differ (`train.max_eval_batches` against `eval.max_batches`) or the run did not validate
     there; each missing loss is then computed here (a pass over the split: about 25 s on 2 CPU cores)."""
-    from farense.checkpoint import STATE
-    from farense.train import read_metrics
-
     metrics, state_file = train_dir / "metrics.csv", train_dir / STATE
     if cfg.train.max_eval_batches != cfg.eval.max_batches or not metrics.is_file() or not state_file.is_file():
         return {}
@@ -294,8 +277,8 @@ def validate_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     out, reporter = Path(ctx.out_dir), ctx.reporter
     adapter = select_adapter(train_dir, out / ADAPTER_DIR, cfg.eval.adapter)
 
-    valid_rows = load_jsonl_rows(data_dir / "valid.jsonl")
-    system_prompt = most_common_system_prompt(load_jsonl_rows(data_dir / "train.jsonl"))
+    valid_rows = read_jsonl(data_dir / "valid.jsonl")
+    system_prompt = most_common_system_prompt(read_jsonl(data_dir / "train.jsonl"))
     sets = {"dev": dev_questions(cfg), "test": sealed_test_questions(cfg)}
     for name, path in (("dev", cfg.data.dev_questions), ("test", cfg.data.test_questions)):
         if not sets[name]:

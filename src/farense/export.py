@@ -30,9 +30,9 @@ from typing import Any
 
 from farense import __version__
 from farense.config import ExportConfig, FarenseConfig
-from farense.batching import load_jsonl
 from farense.errors import FarenseError
 from farense.evaluate import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_FILE, METRICS_FILE
+from farense.jsonl import read_jsonl
 from farense.answer_draft import DraftCorpus, draft_corpus
 from farense.progress import NullReporter, Reporter
 from farense.store import ArtifactStore, hash_json, sha256_file
@@ -62,7 +62,7 @@ def export_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     meta = export_metadata(cfg, model_dir, train_dir, valid_dir, Path(bench_dir) if bench_dir else None, out)
     data_dir = Path(meta["data"]["path"]) if meta["data"].get("path") else None
     if data_dir is not None and (data_dir / "train.jsonl").is_file():
-        corpus = draft_corpus(load_jsonl(data_dir / "train.jsonl"))
+        corpus = draft_corpus(read_jsonl(data_dir / "train.jsonl"))
         (out / DRAFT_CORPUS).write_text(json.dumps(corpus.to_json(), ensure_ascii=False))
     if cfg.export.fuse:
         meta["fused"] = fuse_model(model_dir, out, out / FUSED_DIR, cfg.export.fuse_dequantize)

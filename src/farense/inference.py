@@ -31,6 +31,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from farense.answer_draft import AnswerDraft, DraftCorpus
+from farense.prompting import chat_prompt, template_ids
 
 Messages = Sequence[dict[str, str]]
 DRAFT_TOKENS = 48  # most guesses checked per forward pass (benchmarks/decode_speed.py compares 0-48)
@@ -77,7 +78,7 @@ class InferenceModel:
             messages = [dict(m) for m in items]
             if self.system_prompt and messages[0].get("role") != "system":
                 messages.insert(0, {"role": "system", "content": self.system_prompt})
-            return _apply_template(self.tokenizer, messages)
+            return template_ids(self.tokenizer, messages)
         return [int(t) for t in items]
 
     def generate(self, prompt: Prompt, max_tokens: int, *, stop: Sequence[str] = (),
@@ -328,21 +329,6 @@ def fuse_adapters(model: nn.Module) -> int:
     if fused:
         model.update_modules(tree_unflatten(fused))
     return len(fused)
-
-
-def chat_prompt(tokenizer: Any, question: str, system_prompt: str | None) -> list[int]:
-    """Token ids of the question in the chat template, ending where the assistant's answer starts."""
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": question}
-    ]
-    if getattr(tokenizer, "has_chat_template", False):
-        return _apply_template(tokenizer, messages)
-    text = (f"{system_prompt}\n\n" if system_prompt else "") + question + "\n"
-    return list(tokenizer.encode(text))
-
-
-def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
 
 
 def system_prefix(tokenizer: Any, system_prompt: str | None) -> list[int]:

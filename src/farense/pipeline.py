@@ -25,11 +25,12 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "data": ("data.py", "data_schema.py"),
     "model": ("model.py", "gguf.py"),
     "train": ("train.py", "batching.py", "loss.py", "checkpoint.py", "compute.py", "fast_math.py", "memory.py",
-              "distributed.py"),
-    "validate": ("evaluate.py", "train.py", "batching.py", "loss.py", "compute.py", "fast_math.py"),
+              "distributed.py", "train_worker.py", "jsonl.py"),
+    "validate": ("evaluate.py", "train.py", "batching.py", "loss.py", "compute.py", "fast_math.py", "jsonl.py",
+                 "prompting.py"),
     "benchmark": ("benchmark.py", "plots.py", "evaluate.py", "train.py", "batching.py", "loss.py", "compute.py",
-                  "fast_math.py"),
-    "export": ("export.py", "evaluate.py"),
+                  "fast_math.py", "jsonl.py", "prompting.py"),
+    "export": ("export.py", "evaluate.py", "jsonl.py"),
 }
 
 UPSTREAM: dict[str, tuple[str, ...]] = {

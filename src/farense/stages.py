@@ -9,27 +9,25 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from farense.benchmark import benchmark_stage
 from farense.config import STAGES, FarenseConfig
+from farense.data import prepare_dataset
+from farense.errors import FarenseError
+from farense.evaluate import validate_stage
+from farense.export import export_stage, publish
+from farense.kernel_cache import use_kernel_cache
+from farense.model import prepare_base_model
 from farense.pipeline import StagePlan, build_stage, make_plan
 from farense.progress import NullReporter, Reporter
+from farense.stage_context import StageContext
 from farense.store import ArtifactStore, describe_holder
-
-
-@dataclass
-class StageContext:
-    upstream: dict[str, Path]
-    out_dir: Path
-    work_dir: Path
-    reporter: Reporter = field(default_factory=NullReporter)
+from farense.train import train_stage
 
 
 def run_data(cfg: FarenseConfig, ctx: StageContext) -> dict[str, Any]:
-    from farense.data import prepare_dataset
-
     stats = prepare_dataset(cfg.data, ctx.out_dir)
     ctx.reporter.table(
         "data-stats",
@@ -40,32 +38,22 @@ def run_data(cfg: FarenseConfig, ctx: StageContext) -> dict[str, Any]:
 
 
 def run_model(cfg: FarenseConfig, ctx: StageContext) -> dict[str, Any]:
-    from farense.model import prepare_base_model
-
     return prepare_base_model(cfg.model, ctx.out_dir, progress=ctx.reporter.progress)
 
 
 def run_train(cfg: FarenseConfig, ctx: StageContext) -> dict[str, Any]:
-    from farense.train import train_stage
-
     return train_stage(cfg, ctx)
 
 
 def run_validate(cfg: FarenseConfig, ctx: StageContext) -> dict[str, Any]:
-    from farense.evaluate import validate_stage
-
     return validate_stage(cfg, ctx)
 
 
 def run_benchmark(cfg: FarenseConfig, ctx: StageContext) -> dict[str, Any]:
-    from farense.benchmark import benchmark_stage
-
     return benchmark_stage(cfg, ctx)
 
 
 def run_export(cfg: FarenseConfig, ctx: StageContext) -> dict[str, Any]:
-    from farense.export import export_stage
-
     return export_stage(cfg, ctx)
 
 
@@ -92,8 +80,6 @@ def execute_stage(
     gets the holder of a lock left by a killed process."""
     store = ArtifactStore(cfg.artifacts_dir)
     rep = reporter or NullReporter()
-    from farense.kernel_cache import use_kernel_cache
-
     # Before any GPU work: compiled CUDA kernels live with the artifacts, so a fresh GPU worker reuses them.
     use_kernel_cache(cfg.artifacts_dir / "cache" / "kernels")
 
@@ -109,8 +95,6 @@ def execute_stage(
     with store.lock(sp.stage, sp.key, holder, on_wait=waiting, on_takeover=taking_over):
         path, built = _build_locked(cfg, sp, upstream, store, rep)
     if sp.stage == "export":  # after the commit: `latest` may only ever point at a complete export
-        from farense.export import publish
-
         publish(cfg, path, rep)
     return path, built
 
@@ -150,8 +134,6 @@ def run_local(
         if stage not in targets:
             rec = store.get(stage, sp.key)
             if rec is None:
-                from farense.errors import FarenseError
-
                 raise FarenseError(
                     f"--only {only}: upstream stage '{stage}' has no artifact for key {sp.key}; "
                     f"run `farense run --until {only}` first"

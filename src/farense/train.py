@@ -34,14 +34,17 @@ from farense.checkpoint import (
     find_resumable,
     load_checkpoint,
     prune_checkpoints,
+    read_state,
     save_checkpoint,
 )
 from farense import distributed
 from farense.config import LORA_TARGET_MODULES, FarenseConfig, TrainConfig
 from farense import fast_math
 from farense.memory import estimate_memory_bytes, fit_batch, keep_freed_host_memory, memory_budget_bytes, oom_message
-from farense.batching import BatchOrder, collate, drop_unlearnable, load_jsonl, tokenize_rows  # noqa: F401
-from farense.errors import TrainingError
+from farense.batching import BatchOrder, collate, drop_unlearnable, tokenize_rows  # noqa: F401
+from farense.blas import blas_core, blas_status, warn_if_slow_blas
+from farense.errors import TrainingError, TrainingInterrupted
+from farense.jsonl import read_jsonl
 from farense.loss import chosen_loss, loss_fn, loss_inputs, training_cross_entropy, use_masked_head  # noqa: F401
 from farense.store import hash_json
 
@@ -216,10 +219,6 @@ def build_optimizer(tcfg: TrainConfig, total_steps: int) -> optim.Optimizer:
 
 
 # ---------------------------------------------------------------- the loop
-
-
-class TrainingInterrupted(TrainingError):
-    exit_code = 130
 
 
 @dataclass
@@ -438,8 +437,6 @@ def steps_for(tcfg: TrainConfig, n_batches: int, accum: int) -> int:
 
 def train_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     """Train adapters on the data stage's splits over the model stage's 4-bit base, resuming from ctx.work_dir."""
-    from farense.blas import blas_core, blas_status, warn_if_slow_blas
-
     tcfg = cfg.train
     processes = distributed.requested_processes(tcfg)
     if processes > 1 and not distributed.launched():
@@ -459,10 +456,10 @@ def train_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     if compute["compute_path"] != "quantized" and mx.default_device() == mx.cpu:
         warn_if_slow_blas()
     train_set, skipped_train = drop_unlearnable(
-        tokenize_rows(load_jsonl(data_dir / "train.jsonl"), tokenizer, tcfg.mask_prompt), tcfg.max_seq_length
+        tokenize_rows(read_jsonl(data_dir / "train.jsonl"), tokenizer, tcfg.mask_prompt), tcfg.max_seq_length
     )
     valid_set, skipped_valid = drop_unlearnable(
-        tokenize_rows(load_jsonl(data_dir / "valid.jsonl"), tokenizer, tcfg.mask_prompt), tcfg.max_seq_length
+        tokenize_rows(read_jsonl(data_dir / "valid.jsonl"), tokenizer, tcfg.mask_prompt), tcfg.max_seq_length
     )
     if skipped_train or skipped_valid:
         reporter.log(
@@ -476,8 +473,6 @@ def train_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     config_hash = hash_json(cfg.section("train"))
     memory_note = None
     if resume_from is not None:
-        from farense.checkpoint import read_state
-
         saved = read_state(resume_from)
         batch, accum = saved.batch_size, saved.grad_accumulation
     else:
