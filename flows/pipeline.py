@@ -8,7 +8,7 @@ from prefect import flow
 
 from farense.config import STAGES, FarenseConfig, FarenseConfigOverrides, Stage, config_from_parameters
 from farense.errors import FarenseError
-from farense.pipeline import make_plan
+from farense.pipeline import plan_for
 from farense.store import ArtifactStore
 from tasks.stages import stage_task
 
@@ -16,7 +16,7 @@ from tasks.stages import stage_task
 def run_stages(config: FarenseConfig, until: Stage, only: Stage | None = None, fresh: bool = False) -> dict[str, str]:
     """Submit the stage tasks in order, each given its upstream artifact paths."""
     cfg = config.resolve_paths(Path.cwd())
-    plans = make_plan(cfg, only or until)
+    plans = plan_for(cfg, only or until)  # the plan `farense run` made, when it started this run
     store = ArtifactStore(cfg.artifacts_dir)
     paths: dict[str, str] = {}
     for stage, plan in plans.items():

@@ -133,6 +133,35 @@ def test_a_run_without_parameters_reads_farense_yaml_and_overrides_win(
     assert sorted((c["valid_fraction"], c["seed"]) for c in configs) == [(0.25, 7), (0.5, 7)]
 
 
+def test_farense_run_plans_once_and_hands_the_plan_to_its_flow_run(
+    harness: Any, tiny_config: FarenseConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`farense run` plans to decide whether to start Prefect; the flow run it starts and the table it prints after
+    use that plan, so the inputs (a 4 GB base model file, say) are looked at once per run, not three times."""
+    from typer.testing import CliRunner
+
+    from farense import pipeline
+    from farense.cli import app
+
+    for name in ("PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_UI_SHOW_PROMOTIONAL_CONTENT", "DO_NOT_TRACK",
+                 "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)  # `farense run` sets them; put back after the test
+    planned: list[str] = []
+    real = pipeline.source_inputs
+    monkeypatch.setattr(pipeline, "source_inputs", 
+                        lambda cfg, stage, *a: planned.append(stage) or real(cfg, stage, *a))
+    args = ["run", "--config", config_file_of(tiny_config), "--until", "model"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "farense run finished" in result.output
+    assert list((tiny_config.artifacts_dir / "model").glob("*/manifest.json"))
+    assert planned == ["data", "model"]
+    planned.clear()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "Every stage is cached: nothing to do" in result.output
+    assert planned == ["data", "model"]
+
+
 def test_config_file_errors_name_the_file(harness: Any, tmp_path: Path) -> None:
     state = STAGE_FLOWS["data"](config_file=str(tmp_path / "missing.yaml"), return_state=True)
     assert state.is_failed() and f"{tmp_path / 'missing.yaml'}: config file not found" in state.message

@@ -14,7 +14,10 @@ from rich.table import Table
 
 from farense.config import STAGES, FarenseConfig, config_file_or_default, load_config, nested, parse_override
 from farense.errors import FarenseError
+from farense.monitor import monitor as follow
+from farense.pipeline import make_plan, planned, stage_statuses
 from farense.server import server_app
+from farense.store import ArtifactStore
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 data_app = typer.Typer(no_args_is_help=True, help="Validate datasets.")
@@ -63,24 +66,24 @@ def run(
     """Run the pipeline locally as a Prefect flow (no server needed); cached stages are not redone."""
     _check_stage(until, "--until")
     _check_stage(only, "--only")
-    from farense.pipeline import stage_statuses
-
     cfg = _config(config, set_)
-    statuses = stage_statuses(cfg, only or until)
+    plans = make_plan(cfg, only or until)  # once: the flow run below gets it, and the statuses after it
+    statuses = stage_statuses(cfg, only or until, plans)
     wanted = [s for s in statuses if only is None or s.stage == only]
     if not fresh and all(s.state == "done" for s in wanted):
         _print_statuses(statuses, title="Every stage is cached: nothing to do")
         _print_answer_quality(statuses)
         return
     offline_prefect_defaults()
-    from flows.pipeline import farense
+    from flows.pipeline import farense  # Prefect: seconds to import, so only when something is to be built
 
     # The flow reads the same file and overrides itself (as deployment runs do), so the run records them.
     config_file = config_file_or_default(config)
     overrides = dict(parse_override(o) for o in set_ or [])
-    paths = farense(config_file=str(config_file) if config_file else None, config=nested(overrides),
-                    until=until, only=only, fresh=fresh)  # fmt: skip
-    statuses = stage_statuses(cfg, only or until)
+    with planned(cfg, only or until, plans):
+        paths = farense(config_file=str(config_file) if config_file else None, config=nested(overrides),
+                        until=until, only=only, fresh=fresh)  # fmt: skip
+    statuses = stage_statuses(cfg, only or until, plans)
     _print_statuses(statuses, title="farense run finished")
     if paths:
         out.print_json(json.dumps(paths))
@@ -106,8 +109,6 @@ def _print_answer_quality(statuses: list[Any]) -> None:
 @app.command()
 def status(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Show each stage: done / stale / missing, its key and artifact path."""
-    from farense.pipeline import stage_statuses
-
     _print_statuses(stage_statuses(_config(config, set_)), title="farense stages")
 
 
@@ -199,10 +200,6 @@ def monitor(
     as_json: Annotated[bool, typer.Option("--json", help="JSON: one object (--once) or one line per update")] = False,
 ) -> None:
     """Follow the training in progress (started by `farense run` or a worker) from its metrics file."""
-    from farense.monitor import monitor as follow
-    from farense.pipeline import make_plan
-    from farense.store import ArtifactStore
-
     cfg = _config(config, set_)
     if key is None:
         try:

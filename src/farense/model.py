@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from farense.config import ModelConfig
 from farense.errors import ModelSourceError
-from farense.store import hash_path
+from farense.store import hash_path, sha256_file
 
 SourceKind = Literal["embedded", "gguf", "mlx", "hf-local", "hf-hub"]
 Progress = Callable[[str, float], None]
@@ -56,14 +56,15 @@ class ModelSource:
     revision: str | None = None  # resolved hub commit
 
 
-def resolve_source(cfg: ModelConfig) -> ModelSource:
-    """Say what `model.source` is and name its content; a missing or unreadable source is a ModelSourceError."""
+def resolve_source(cfg: ModelConfig, sha256: Callable[[Path], str] = sha256_file) -> ModelSource:
+    """Say what `model.source` is and name its content; a missing or unreadable source is a ModelSourceError.
+    `sha256` hashes one file (the plan passes farense.file_hashes' cached one)."""
     source = cfg.source.strip()
     if source.startswith(EMBEDDED_PREFIX):
-        return _resolve_embedded(source)
+        return _resolve_embedded(source, sha256)
     path = Path(source).expanduser()
     if path.exists():
-        return _resolve_path(source, path)
+        return _resolve_path(source, path, sha256)
     if _REPO_ID.fullmatch(source) and not source.endswith(".gguf"):
         return _resolve_hub(source, cfg.revision)
     raise ModelSourceError(
@@ -143,7 +144,7 @@ def verify_model_folder(model_dir: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- sources
 
 
-def _resolve_embedded(source: str) -> ModelSource:
+def _resolve_embedded(source: str, sha256: Callable[[Path], str]) -> ModelSource:
     name = source.removeprefix(EMBEDDED_PREFIX)
     if name not in EMBEDDED:
         known = ", ".join(EMBEDDED_PREFIX + k for k in EMBEDDED)
@@ -157,10 +158,10 @@ def _resolve_embedded(source: str) -> ModelSource:
             f"model.source '{source}': the embedded model file {embedded.filename} is not installed; "
             f"run: {embedded.install}"
         )
-    return ModelSource("embedded", str(files[0]), _identity(source, files[0]))
+    return ModelSource("embedded", str(files[0]), _identity(source, files[0], sha256))
 
 
-def _resolve_path(source: str, path: Path) -> ModelSource:
+def _resolve_path(source: str, path: Path, sha256: Callable[[Path], str]) -> ModelSource:
     path = path.resolve()
     if path.is_file():
         try:
@@ -172,7 +173,7 @@ def _resolve_path(source: str, path: Path) -> ModelSource:
                 f"model.source '{source}': {path} is not a GGUF file (no GGUF magic bytes); give a .gguf file, "
                 "an MLX or HF model folder, or a Hugging Face repo id"
             )
-        return ModelSource("gguf", str(path), _identity(source, path))
+        return ModelSource("gguf", str(path), _identity(source, path, sha256))
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelSourceError(f"model.source '{source}': {path} is not a model folder (it has no config.json)")
@@ -188,7 +189,7 @@ def _resolve_path(source: str, path: Path) -> ModelSource:
     except (OSError, ValueError) as e:
         raise ModelSourceError(f"model.source '{source}': cannot read {path}: {e}") from None
     kind: SourceKind = "mlx" if "quantization" in config or weights_format == "mlx" else "hf-local"
-    return ModelSource(kind, str(path), _identity(source, path))
+    return ModelSource(kind, str(path), _identity(source, path, sha256))
 
 
 def _resolve_hub(repo: str, revision: str | None) -> ModelSource:
@@ -229,9 +230,9 @@ def _resolve_hub(repo: str, revision: str | None) -> ModelSource:
     return ModelSource("hf-hub", repo, f"{repo}@{commit}", commit)
 
 
-def _identity(source: str, path: Path) -> str:
+def _identity(source: str, path: Path, sha256: Callable[[Path], str]) -> str:
     try:
-        return hash_path(path)
+        return hash_path(path, sha256)
     except OSError as e:
         raise ModelSourceError(f"model.source '{source}': cannot read {e.filename or path}: {e.strerror}") from None
 

@@ -2,21 +2,26 @@
 
 A stage key hashes the content of the stage's inputs (dataset bytes, base model identity, upstream stage keys),
 its config section and its code version (the source of the modules that implement it). Computing the plan reads
-files but builds nothing, so `farense run` can tell in about a second that everything is cached.
+files but builds nothing, and an input file unchanged since it was last hashed is not read again (farense.file_hashes),
+so `farense run` can tell in about a second that everything is cached, whatever the size of the base model file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from farense.config import STAGES, FarenseConfig, Stage
 from farense.errors import DataError
-from farense.store import ArtifactStore, StageRecord, hash_path, stage_key
+from farense.file_hashes import CACHE_FILE, FileHashes
+from farense.model import resolve_source
+from farense.store import ArtifactStore, StageRecord, hash_path, sha256_file, stage_key
 
 SRC = Path(__file__).resolve().parent
 
@@ -78,30 +83,30 @@ def _section_for_key(cfg: FarenseConfig, stage: str) -> dict[str, Any]:
     return cfg.section("export")
 
 
-def source_inputs(cfg: FarenseConfig, stage: str) -> dict[str, str]:
-    """Content hashes of a stage's external inputs (files the user provides)."""
+def source_inputs(cfg: FarenseConfig, stage: str, sha256: Callable[[Path], str] = sha256_file) -> dict[str, str]:
+    """Content hashes of a stage's external inputs (files the user provides); `sha256` hashes one file."""
     if stage == "data":
         if not cfg.data.path.exists():
             raise DataError(f"{cfg.data.path}: dataset not found (set data.path to a JSONL file or a folder)")
-        return {"dataset": hash_path(cfg.data.path)}
+        return {"dataset": hash_path(cfg.data.path, sha256)}
     if stage == "model":
-        from farense.model import resolve_source
-
-        return {"source": resolve_source(cfg.model).identity}
+        return {"source": resolve_source(cfg.model, sha256).identity}
     if stage == "validate":
         # The sealed test set is hashed only so that a changed file is answered again; nothing chooses by it.
-        return {name: hash_path(q) if q.exists() else "none"
+        return {name: hash_path(q, sha256) if q.exists() else "none"
                 for name, q in (("questions", cfg.data.dev_questions), ("test_questions", cfg.data.test_questions))}
     return {}
 
 
 def make_plan(cfg: FarenseConfig, until: str = "export") -> dict[str, StagePlan]:
-    """Keys of every stage up to `until`, in order."""
+    """Keys of every stage up to `until`, in order. Input files are hashed through the artifacts folder's cache of
+    file hashes: an unchanged file (same size, times and inode) is not read again."""
+    hashes = FileHashes(cfg.artifacts_dir / "cache" / CACHE_FILE)
     plans: dict[str, StagePlan] = {}
     for stage in STAGES[: STAGES.index(until) + 1]:
         if stage == "benchmark" and not cfg.benchmark.enabled:
             continue
-        inputs = source_inputs(cfg, stage)
+        inputs = source_inputs(cfg, stage, hashes.sha256)
         for up in UPSTREAM[stage]:
             if up in plans:
                 inputs[up] = plans[up].key
@@ -109,7 +114,34 @@ def make_plan(cfg: FarenseConfig, until: str = "export") -> dict[str, StagePlan]
         version = code_version(stage)
         plans[stage] = StagePlan(stage, stage_key(stage, inputs, section, version), inputs, section, version,
                                  tuple(u for u in UPSTREAM[stage] if u in plans))
+    hashes.save()
     return plans
+
+
+# The plan `farense run` made before starting the flow run in this same process (see `planned`).
+_handed_plan: ContextVar[tuple[FarenseConfig, str, dict[str, StagePlan]] | None] = ContextVar(
+    "handed_plan", default=None
+)
+
+
+@contextmanager
+def planned(cfg: FarenseConfig, until: str, plans: dict[str, StagePlan]) -> Iterator[None]:
+    """Inside this block, `plan_for` an equal config and the same `until` returns `plans` instead of planning again:
+    `farense run` plans to decide whether to start Prefect at all, then hands its plan to the flow run it starts.
+    Not a flow parameter: a plan given from outside could file artifacts under keys that are not their content's."""
+    token = _handed_plan.set((cfg, until, plans))
+    try:
+        yield
+    finally:
+        _handed_plan.reset(token)
+
+
+def plan_for(cfg: FarenseConfig, until: str) -> dict[str, StagePlan]:
+    """The plan handed over by `planned` when it was made for this config and `until`, else a new one."""
+    handed = _handed_plan.get()
+    if handed is not None and handed[1] == until and handed[0] == cfg:
+        return handed[2]
+    return make_plan(cfg, until)
 
 
 @dataclass(frozen=True)
@@ -120,10 +152,13 @@ class StageStatus:
     path: Path
 
 
-def stage_statuses(cfg: FarenseConfig, until: str = "export") -> list[StageStatus]:
+def stage_statuses(
+    cfg: FarenseConfig, until: str = "export", plans: dict[str, StagePlan] | None = None
+) -> list[StageStatus]:
+    """Each stage's state (done, stale, missing) under `plans`, or under a new plan up to `until`."""
     store = ArtifactStore(cfg.artifacts_dir)
     out = []
-    for sp in make_plan(cfg, until).values():
+    for sp in (plans if plans is not None else make_plan(cfg, until)).values():
         if store.get(sp.stage, sp.key) is not None:
             state = "done"
         elif store.others(sp.stage, sp.key):

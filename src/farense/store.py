@@ -35,11 +35,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def hash_path(path: Path) -> str:
-    """Hash of a file's bytes, or of a folder's relative paths and file bytes (hidden files skipped)."""
+def hash_path(path: Path, sha256: Callable[[Path], str] = sha256_file) -> str:
+    """Hash of a file's bytes, or of a folder's relative paths and file bytes (hidden files skipped). `sha256`
+    hashes one file (farense.file_hashes.FileHashes.sha256 remembers unchanged files)."""
     path = Path(path)
     if path.is_file():
-        return sha256_file(path)
+        return sha256(path)
     if not path.is_dir():
         raise FileNotFoundError(path)
     h = hashlib.sha256()
@@ -47,7 +48,7 @@ def hash_path(path: Path) -> str:
         rel = f.relative_to(path)
         if any(part.startswith(".") for part in rel.parts):
             continue
-        h.update(str(rel.as_posix()).encode() + b"\0" + sha256_file(f).encode() + b"\0")
+        h.update(str(rel.as_posix()).encode() + b"\0" + sha256(f).encode() + b"\0")
     return h.hexdigest()
 
 
