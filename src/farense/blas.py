@@ -9,6 +9,13 @@ which it runs, and the train summary and benchmark results record it. The kernel
 AMD EPYC (Zen 5) OpenBLAS picks "Cooperlake" (AVX-512), and one-thread sgemm at the model's shapes runs at 221-240
 GFLOP/s, against 122-129 with `OPENBLAS_CORETYPE=Haswell` (AVX2), which that machine's environment sets
 (`benchmarks/gemm_rate.py --cpu`, 2026-11-29).
+
+OpenBLAS 0.3.21 (Debian 12) does not know every CPU model: on a 2-core Intel Xeon of family 6, model 207 with
+AVX-512 and AVX-512 BF16 (2026-12-07) it fell back to its generic "Prescott" kernels, one-thread sgemm at the
+model's shapes 16-30 GFLOP/s, against 68-149 with "Cooperlake" and 38-78 with "Haswell" (`OPENBLAS_NUM_THREADS=1
+OPENBLAS_CORETYPE=... python benchmarks/gemm_rate.py --cpu`). So when `OPENBLAS_CORETYPE` is unset, farense sets
+it from the CPU's instruction sets before OpenBLAS loads (`coretype_for`); the training processes inherit it. A
+value set in the environment is kept.
 """
 
 from __future__ import annotations
@@ -26,7 +33,39 @@ OPENBLAS_CANDIDATES = (
 )
 FIX = "sudo apt-get install libopenblas0-pthread   (Debian/Ubuntu; other distros: their OpenBLAS package)"
 
-_state: dict[str, str | None] = {"library": None, "status": "not-attempted", "core": None}
+_state: dict[str, str | None] = {"library": None, "status": "not-attempted", "core": None, "chose": None}
+
+# OpenBLAS kernel families by the instruction sets they need, best first (Debian's DYNAMIC_ARCH build has these).
+CORETYPES: tuple[tuple[str, frozenset[str]], ...] = (
+    ("Cooperlake", frozenset({"avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512_bf16"})),
+    ("SkylakeX", frozenset({"avx512f", "avx512vl", "avx512bw", "avx512dq"})),
+    ("Haswell", frozenset({"avx2", "fma"})),
+)
+
+
+def coretype_for(flags: set[str] | frozenset[str]) -> str | None:
+    """The OpenBLAS kernels a CPU with these /proc/cpuinfo flags runs best; None for older CPUs (OpenBLAS's own
+    detection stands)."""
+    return next((name for name, needs in CORETYPES if needs <= flags), None)
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            line = next((x for x in f if x.startswith(("flags", "Features"))), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.split(":", 1)[1].split()) if ":" in line else frozenset()
+
+
+def choose_coretype() -> str | None:
+    """Set OPENBLAS_CORETYPE from the CPU's flags when the environment does not; returns what was chosen."""
+    if os.environ.get("OPENBLAS_CORETYPE") or not sys.platform.startswith("linux"):
+        return None
+    chosen = coretype_for(cpu_flags())
+    if chosen:
+        os.environ["OPENBLAS_CORETYPE"] = chosen
+    return chosen
 
 
 def _core_name(lib: ctypes.CDLL) -> str | None:
@@ -49,6 +88,7 @@ def ensure_fast_blas() -> str:
     if "mlx.core" in sys.modules:
         _state["status"] = "too-late"
         return _state["status"]
+    _state["chose"] = choose_coretype()
     for candidate in OPENBLAS_CANDIDATES:
         if candidate.startswith("/") and not os.path.exists(candidate):
             continue
