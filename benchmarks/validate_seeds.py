@@ -1,7 +1,9 @@
 """A recipe's validate-stage figures over several seeds, one JSON line per seed (a benchmark, not a test).
 
-    python benchmarks/validate_seeds.py --name default --seeds 100 101 102 [overrides...]
+    python benchmarks/validate_seeds.py --name default [overrides...] --seeds 100 101 102
     python benchmarks/validate_seeds.py --config configs/cpu-quality.yaml --name cpu-quality --seeds 100 101
+
+(The overrides come before --seeds, which takes every number after it.)
 
 Runs the pipeline's own stages up to validate (data, model, train, validate) for each seed, one after the other,
 and prints the validate stage's metrics for base and tuned: every scalar of metrics.json, the dev figures and the
