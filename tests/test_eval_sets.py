@@ -32,6 +32,12 @@ def training() -> list[str]:
     return training_questions(ROOT / "data/farense")
 
 
+@pytest.fixture(scope="module")
+def candidates() -> list[str]:
+    """The candidate rows of data/augment, kept free of near copies for the recipes that will train on them."""
+    return training_questions(ROOT / "data/augment")
+
+
 def test_the_near_copy_rule() -> None:
     # The issue's example: a dev question that holds a training question word for word.
     assert near_copy("Qual é a idade do Farense? Desde quando existe?", "Qual é a idade do Farense?")
@@ -45,9 +51,11 @@ def test_the_near_copy_rule() -> None:
 
 
 @pytest.mark.parametrize("name", ["dev", "test"])
-def test_no_eval_question_is_a_near_copy_of_a_training_question(name: str, sets: dict, training: list[str]) -> None:
-    found = near_copies([q.question for q in sets[name]], training)
-    assert not found, [(sets[name][i].id, training[j], why) for i, j, why in found[:10]]
+def test_no_eval_question_is_a_near_copy_of_a_training_question(name: str, sets: dict, training: list[str],
+                                                                candidates: list[str]) -> None:  # fmt: skip
+    rows = training + candidates
+    found = near_copies([q.question for q in sets[name]], rows)
+    assert not found, [(sets[name][i].id, rows[j], why) for i, j, why in found[:10]]
 
 
 def test_the_two_sets_share_no_near_copies(sets: dict) -> None:
