@@ -244,8 +244,11 @@ def stalled_for(port: int, first: bytes, then: bytes = b"", every: float = 1.0) 
         threading.Thread(target=dribble, daemon=True).start()
         s.settimeout(120)
         received = b""
-        while chunk := s.recv(65536):
-            received += chunk
+        try:
+            while chunk := s.recv(65536):
+                received += chunk
+        except ConnectionResetError:  # closed while our own bytes were still arriving: the kernel sends a reset
+            pass
         return time.monotonic() - start, received
 
 

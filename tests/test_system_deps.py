@@ -38,7 +38,11 @@ def test_without_root_it_names_what_is_missing_and_the_fix() -> None:
     bin_dir.chmod(0o755)
     for tool in ("uname", "id", "ls"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    proc = subprocess.run(["/bin/bash", str(SCRIPT), "--test"], env={"PATH": str(bin_dir)}, user="nobody",
+    # A copy the unprivileged user can read wherever the checkout lies (a clone in a 0700 folder is unreadable).
+    script = bin_dir / SCRIPT.name
+    shutil.copyfile(SCRIPT, script)
+    script.chmod(0o755)
+    proc = subprocess.run(["/bin/bash", str(script), "--test"], env={"PATH": str(bin_dir)}, user="nobody",
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     shutil.rmtree(bin_dir)
     assert proc.returncode == 0
