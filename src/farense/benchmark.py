@@ -286,7 +286,8 @@ def benchmark_stage(cfg: FarenseConfig, ctx: Any) -> dict[str, Any]:
     reporter.progress("benchmark: sizes measured", 1.0)
 
     val = json.loads((valid_dir / METRICS_FILE).read_text())
-    keep = ("val_loss", "perplexity", "qa_f1", "qa_recall", "qa_exact", "fact_accuracy", "live_declined")
+    keep = ("val_loss", "perplexity", "qa_f1", "qa_recall", "qa_exact", "fact_accuracy", "fact_accuracy_n",
+            "fact_accuracy_low", "fact_accuracy_high", "live_declined")  # the dev set's (the chart draws the interval)
     quality = {name: {k: val[name].get(k) for k in keep} for name in ("base", "tuned")}
     train_manifest = _manifest(train_dir)
     results = {

@@ -83,8 +83,14 @@ def plot_comparison(results: dict[str, Any], path: Path) -> Path:
     _bars(axes[1, 1], ["base", "tuned"], [quality["base"]["val_loss"], quality["tuned"]["val_loss"]],
           "Validation loss (lower is better)", "nats/token")  # fmt: skip
     if quality["tuned"].get("fact_accuracy") is not None:
+        n = quality["tuned"].get("fact_accuracy_n")
         _bars(axes[1, 2], ["base", "tuned"], [quality["base"]["fact_accuracy"], quality["tuned"]["fact_accuracy"]],
-              "Held-out fact accuracy (higher is better)", "share right")  # fmt: skip
+              f"Dev fact accuracy, 95% interval (n={n})", "share right")  # fmt: skip
+        if all(quality[m].get("fact_accuracy_low") is not None for m in ("base", "tuned")):
+            values = [quality[m]["fact_accuracy"] for m in ("base", "tuned")]
+            low = [v - quality[m]["fact_accuracy_low"] for v, m in zip(values, ("base", "tuned"))]
+            high = [quality[m]["fact_accuracy_high"] - v for v, m in zip(values, ("base", "tuned"))]
+            axes[1, 2].errorbar(range(2), values, yerr=[low, high], fmt="none", ecolor="black", capsize=4)
     else:
         _bars(axes[1, 2], ["base", "tuned"], [quality["base"]["qa_f1"], quality["tuned"]["qa_f1"]],
               "Held-out Q&A token F1 (higher is better)", "F1")  # fmt: skip
