@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from farense.errors import DataError
 from farense.club_facts import FACTS, PARTS
@@ -92,20 +92,12 @@ class HeldOutQuestion(BaseModel):
     def _patterns(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return _compile(v)
 
-    @field_validator("facts")
+    @field_validator("facts", "asks")
     @classmethod
-    def _facts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [f for f in v if f not in FACTS]
-        if bad:
-            raise ValueError(f"unknown fact(s) {bad}; known: {sorted(FACTS)}")
-        return v
-
-    @field_validator("asks")
-    @classmethod
-    def _asks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [p for p in v if p not in PARTS]
-        if bad:
-            raise ValueError(f"unknown part(s) {bad}; known: {sorted(PARTS)}")
+    def _known(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        known, what = (FACTS, "fact(s)") if info.field_name == "facts" else (PARTS, "part(s)")
+        if bad := [x for x in v if x not in known]:
+            raise ValueError(f"unknown {what} {bad}; known: {sorted(known)}")
         return v
 
     @model_validator(mode="after")
@@ -152,18 +144,16 @@ def jaccard(a: Iterable[str], b: Iterable[str]) -> float:
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
 
 
-def content_words(text: str) -> set[str]:
-    return {w for w in normalize_words(text) if w not in FUNCTION_WORDS}
+def _wording(text: str) -> tuple[list[str], set[str]]:
+    """A text's normalised words and its content words: what the near-copy rule compares."""
+    words = normalize_words(text)
+    return words, {w for w in words if w not in FUNCTION_WORDS}
 
 
-def near_copy(question: str, other: str) -> str | None:
-    """Why `question` is a near copy of `other`, or None. Near copies: the same content words; content-word
-    Jaccard >= 0.6; difflib ratio >= 0.75 on the folded text while sharing half the content words; or one contains
-    the other whole (at least 4 words)."""
-    qw, ow = normalize_words(question), normalize_words(other)
+def _near(q: tuple[list[str], set[str]], o: tuple[list[str], set[str]]) -> str | None:
+    (qw, qc), (ow, oc) = q, o
     if not qw or not ow:
         return None
-    qc, oc = content_words(question), content_words(other)
     if qc and qc == oc:
         return "the same content words"
     if (j := jaccard(qc, oc)) >= NEAR_JACCARD:
@@ -177,17 +167,24 @@ def near_copy(question: str, other: str) -> str | None:
     return None
 
 
+def near_copy(question: str, other: str) -> str | None:
+    """Why `question` is a near copy of `other`, or None. Near copies: the same content words; content-word
+    Jaccard >= 0.6; difflib ratio >= 0.75 on the folded text while sharing half the content words; or one contains
+    the other whole (at least 4 words)."""
+    return _near(_wording(question), _wording(other))
+
+
 def near_copies(questions: Sequence[str], others: Sequence[str]) -> list[tuple[int, int, str]]:
-    """(index in questions, index in others, why) for every near-copy pair."""
-    other_words = [content_words(o) for o in others]
+    """(index in questions, index in others, why) for every near-copy pair; each text is normalised once."""
+    other_wordings = [_wording(o) for o in others]
     found = []
     for i, q in enumerate(questions):
-        qc = content_words(q)
-        for j, o in enumerate(others):
+        qwording = _wording(q)
+        for j, owording in enumerate(other_wordings):
             # Cheap bound first: pairs sharing no content word are near copies only by containing one another.
-            if qc and other_words[j] and not qc & other_words[j] and len(normalize_words(o)) < NEAR_CONTAINED_WORDS:
+            if qwording[1] and owording[1] and not qwording[1] & owording[1] and len(owording[0]) < NEAR_CONTAINED_WORDS:
                 continue
-            if why := near_copy(q, o):
+            if why := _near(qwording, owording):
                 found.append((i, j, why))
     return found
 
