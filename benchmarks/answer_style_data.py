@@ -3,7 +3,9 @@
     python benchmarks/answer_style_data.py OUT_DIR
 
 Writes OUT_DIR/<variant>/{qa,completions}.jsonl from data/farense (and data/augment), each a folder the data stage
-reads as it reads data/farense:
+reads as it reads data/farense. The #34 sweep made them from data/farense of commit 2ff01ec; `neutral` won
+(benchmarks/results/decision_34.md) and is data/farense since, so on today's tree `neutral` is data/farense again
+(`git show 2ff01ec:data/farense/qa.jsonl` is the data before it).
 
 - neutral: every answer that opens with "Sim, " or "Não. "/"Não, " (154 and 154 in qa.jsonl: yes-questions and
   false premises) states the fact without the opening word. A 135M model cannot tell a yes-question from a false

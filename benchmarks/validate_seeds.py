@@ -42,9 +42,13 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", required=True)
     ap.add_argument("--out", type=Path, default=None, help="copy each seed's answers.jsonl to OUT/NAME/")
+    ap.add_argument("--cache-limit-gb", type=float, default=None,
+                    help="mx.set_cache_limit: several runs sharing one GPU (15 at once on an H100 ran out of memory)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.path=extra/data")
     args = ap.parse_args()
     overrides = dict(parse_override(o) for o in args.overrides)
+    if args.cache_limit_gb is not None:
+        mx.set_cache_limit(int(args.cache_limit_gb * 2**30))
     for seed in args.seeds:
         cfg = load_config(args.config, overrides | {"train.seed": seed}, root=ROOT)
         start = time.perf_counter()
