@@ -41,6 +41,7 @@ i=0
 while IFS='|' read -r name args; do
   [ -z "$name" ] && continue
   while [ "$(jobs -r | wc -l)" -ge $(( PER_GPU * NG )) ]; do sleep 5; gather; done
+  [ $(( DEADLINE - ($(date +%s) - T0) )) -gt 30 ] || { echo "$name not started: the deadline is near"; continue; }
   g=$(( i % NG )); i=$((i + 1))
   # shellcheck disable=SC2086  # $args holds several overrides
   ( CUDA_VISIBLE_DEVICES=$g timeout $(( DEADLINE - ($(date +%s) - T0) )) python3 "${SCRIPT:-benchmarks/recipe_sweep.py}" \
