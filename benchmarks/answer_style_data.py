@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src")]
 
 from farense.fact_scoring import is_decline  # noqa: E402
+from farense.jsonl import read_jsonl  # noqa: E402
 
 DIET_CAP = 6
 _OPENER = re.compile(r"^(?:Sim|Não)[,.:]\s+")
@@ -69,10 +70,6 @@ def diet(rows: list[dict], cap: int = DIET_CAP) -> list[dict]:
     return kept
 
 
-def read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def write(folder: Path, qa: list[dict], completions: list[dict]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("qa.jsonl", qa), ("completions.jsonl", completions)):
@@ -87,9 +84,9 @@ def write(folder: Path, qa: list[dict], completions: list[dict]) -> None:
 
 
 def main(out: Path) -> None:
-    qa = read(ROOT / "data/farense/qa.jsonl")
-    comp = read(ROOT / "data/farense/completions.jsonl")
-    augment = [r for f in sorted((ROOT / "data/augment").glob("*.jsonl")) for r in read(f)]
+    qa = read_jsonl(ROOT / "data/farense/qa.jsonl")
+    comp = read_jsonl(ROOT / "data/farense/completions.jsonl")
+    augment = [r for f in sorted((ROOT / "data/augment").glob("*.jsonl")) for r in read_jsonl(f)]
     n_qa, n_comp = [restyle(r) for r in qa], [restyle(r) for r in comp]
     n_aug = [restyle(r) for r in augment]
     write(out / "neutral", n_qa, n_comp)
