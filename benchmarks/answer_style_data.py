@@ -16,6 +16,11 @@ reads as it reads data/farense. The #34 sweep made them from data/farense of com
   redirects are left as they are.
 - hard: data/augment's 430 rows (indirect questions about known facts answered with the fact, declarative
   restatements, yes-questions, topic-named declines) added; run it with train.max_steps=332 to keep the compute.
+- redirect: data/augment/redirects.jsonl's rows added (requests about Faro and the Algarve that are not about the
+  club, redirected to it: tourism, food, transport, weather, other Algarve clubs; and requests for match statistics
+  or the players and coaches of the facts' seasons, declined with a sentence naming that topic). The rest of
+  data/farense answers every "Faro ..." question with the city fact, so any request naming Faro drew it.
+- redirect-hard: both.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from farense.fact_scoring import is_decline  # noqa: E402
 from farense.jsonl import read_jsonl  # noqa: E402
 
 DIET_CAP = 6
+REDIRECT_FILES = ("redirects.jsonl",)
 _OPENER = re.compile(r"^(?:Sim|Não)[,.:]\s+")
 
 
@@ -86,13 +92,17 @@ def write(folder: Path, qa: list[dict], completions: list[dict]) -> None:
 def main(out: Path) -> None:
     qa = read_jsonl(ROOT / "data/farense/qa.jsonl")
     comp = read_jsonl(ROOT / "data/farense/completions.jsonl")
-    augment = [r for f in sorted((ROOT / "data/augment").glob("*.jsonl")) for r in read_jsonl(f)]
+    augment = [r for f in sorted((ROOT / "data/augment").glob("*.jsonl")) if f.name not in REDIRECT_FILES
+               for r in read_jsonl(f)]  # fmt: skip
+    redirects = [r for name in REDIRECT_FILES for r in read_jsonl(ROOT / "data/augment" / name)]
     n_qa, n_comp = [restyle(r) for r in qa], [restyle(r) for r in comp]
     n_aug = [restyle(r) for r in augment]
     write(out / "neutral", n_qa, n_comp)
     write(out / "neutral-diet", diet(n_qa), n_comp)
     write(out / "neutral-hard", n_qa + n_aug, n_comp)
     write(out / "neutral-hard-diet", diet(n_qa + n_aug), n_comp)
+    write(out / "redirect", n_qa + redirects, n_comp)
+    write(out / "redirect-hard", n_qa + n_aug + redirects, n_comp)
 
 
 if __name__ == "__main__":
