@@ -21,6 +21,8 @@ reads as it reads data/farense. The #34 sweep made them from data/farense of com
   or the players and coaches of the facts' seasons, declined with a sentence naming that topic). The rest of
   data/farense answers every "Faro ..." question with the city fact, so any request naming Faro drew it.
 - redirect-hard: both.
+- hard-nostatements, redirect-hard-nostatements: the same without data/augment/statements.jsonl, whose open prompts
+  ("Conta-me uma curiosidade ...") answered with a fact may teach "Conta-me ..." off-topic requests a fact.
 """
 
 from __future__ import annotations
@@ -103,6 +105,10 @@ def main(out: Path) -> None:
     write(out / "neutral-hard-diet", diet(n_qa + n_aug), n_comp)
     write(out / "redirect", n_qa + redirects, n_comp)
     write(out / "redirect-hard", n_qa + n_aug + redirects, n_comp)
+    no_statements = [restyle(r) for f in sorted((ROOT / "data/augment").glob("*.jsonl"))
+                     if f.name not in (*REDIRECT_FILES, "statements.jsonl") for r in read_jsonl(f)]  # fmt: skip
+    write(out / "hard-nostatements", n_qa + no_statements, n_comp)
+    write(out / "redirect-hard-nostatements", n_qa + no_statements + redirects, n_comp)
 
 
 if __name__ == "__main__":
