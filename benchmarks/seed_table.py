@@ -57,6 +57,13 @@ def rows_by_recipe(paths: list[Path]) -> dict[str, list[dict]]:
     return grouped
 
 
+def seed_list(seeds: list[int]) -> str:
+    """"0-5" for a run of consecutive seeds, else "0,1,3"."""
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ",".join(map(str, seeds))
+
+
 def table(grouped: dict[str, list[dict]], prefix: str, names: list[str] | None = None) -> str:
     names = names or list(grouped)
     out = ["| recipe | seeds | " + " | ".join(HEADERS) + " | contradictions |", "|---" * (len(HEADERS) + 3) + "|"]
@@ -68,7 +75,7 @@ def table(grouped: dict[str, list[dict]], prefix: str, names: list[str] | None =
     first = grouped[names[0]]
     for label, side, rows in [("base model", "base", first[:1])] + [(n, "tuned", grouped[n]) for n in names]:
         f = figures(side, rows)
-        seeds = ",".join(str(r["seed"]) for r in rows) if side == "tuned" else "-"
+        seeds = seed_list(sorted(r["seed"] for r in rows)) if side == "tuned" else "-"
         cells = [share_cell(f, key) for key in SHARES] + [count_cell(f, "contradictions")]
         out.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(out)
