@@ -1,12 +1,17 @@
 """Recipes over seeds, as a markdown table, from validate_seeds.py's JSON lines (a benchmark helper, not a test).
 
     python benchmarks/seed_table.py RESULTS.jsonl [...] [--set dev|test] [--names today neutral ...]
+    python benchmarks/seed_table.py RESULTS.jsonl [...] [--set dev|test] --compare A B
 
 One row per recipe (and one for the base model, taken from the first recipe's rows): the mean over seeds of each
 share, the seeds' range, and the Wilson 95% interval of the answers pooled over seeds (k and n summed). The pooled
 interval counts every seed's answers as new draws, so it is narrower than the question sample alone supports; the
 range shows the seed-to-seed spread. `--set dev` reads the unprefixed figures (the ones a choice may use), `--set
 test` the sealed test set's `test_*` figures (reported, never compared to choose).
+
+`--compare A B` prints, for each figure, B's mean minus A's over their seeds with the Welch 95% interval of that
+difference (`farense.accuracy.seed_difference`): each seed one draw, so the interval reflects the seed-to-seed
+spread that the pooled intervals leave out. "B beats A" holds where the interval excludes 0.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src")]
 
-from farense.accuracy import wilson  # noqa: E402
+from farense.accuracy import seed_difference, wilson  # noqa: E402
 
 SHARES = ("fact_accuracy", "indirect_accuracy", "wrong_declines", "live_declined", "off_topic_redirected")
 HEADERS = ("fact accuracy", "indirect", "wrongly declined", "live declined", "off-topic redirected")
@@ -81,13 +86,30 @@ def table(grouped: dict[str, list[dict]], prefix: str, names: list[str] | None =
     return "\n".join(out)
 
 
+def comparison(grouped: dict[str, list[dict]], prefix: str, a: str, b: str) -> str:
+    """Markdown: each figure's mean for A and B over their seeds and B - A with its Welch 95% interval, in points."""
+    seeds = {n: seed_list(sorted(r["seed"] for r in grouped[n])) for n in (a, b)}
+    out = [f"| figure | {a} (seeds {seeds[a]}) | {b} (seeds {seeds[b]}) | {b} - {a}, 95% interval |",
+           "|---|---|---|---|"]
+    for key, header in zip((*SHARES, "overall_accuracy"), (*HEADERS, "overall (every question)")):
+        values = {n: [100 * r["tuned"][prefix + key] for r in grouped[n] if r["tuned"].get(prefix + key) is not None]
+                  for n in (a, b)}  # fmt: skip
+        d = seed_difference(values[a], values[b])
+        means = [f"{statistics.mean(values[n]):.1f}%" if values[n] else "-" for n in (a, b)]
+        cell = f"{d['diff']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]" if d else "- (fewer than 2 seeds)"
+        out.append(f"| {header} | {means[0]} | {means[1]} | {cell} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", type=Path, nargs="+")
     ap.add_argument("--set", choices=("dev", "test"), default="dev")
     ap.add_argument("--names", nargs="*", default=None, help="recipes to show, in this order (default: all)")
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="B minus A over seeds, with Welch 95%% intervals")
     args = ap.parse_args()
-    print(table(rows_by_recipe(args.results), "test_" if args.set == "test" else "", args.names))
+    prefix, grouped = "test_" if args.set == "test" else "", rows_by_recipe(args.results)
+    print(comparison(grouped, prefix, *args.compare) if args.compare else table(grouped, prefix, args.names))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,9 @@ def main() -> None:
     ap.add_argument("--cache-limit-gb", type=float, default=None,
                     help="mx.set_cache_limit: several runs sharing one GPU (15 at once on an H100 ran out of memory)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.path=extra/data")
-    args = ap.parse_args()
+    # Intermixed: recipe_sweep_gpus.sh puts its own overrides before a run line's options and overrides; plain
+    # parse_args stops collecting overrides at the first option (what cost a device call on 2026-12-07).
+    args = ap.parse_intermixed_args()
     overrides = dict(parse_override(o) for o in args.overrides)
     if args.cache_limit_gb is not None:
         mx.set_cache_limit(int(args.cache_limit_gb * 2**30))

@@ -7,6 +7,7 @@ questions one question is 1.75 points, so a figure without its interval says mor
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +36,37 @@ def rate(hits: Sequence[bool]) -> dict[str, Any] | None:
         return None
     low, high = wilson(k, n)
     return {"k": k, "n": n, "value": k / n, "low": low, "high": high}
+
+
+# Student's t 97.5% quantiles for 1-30 degrees of freedom, then 40, 60, 120 (Welch's df rounded down:
+# conservative).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+_T975_TAIL = ((40, 2.042), (60, 2.021), (120, 2.000))
+
+
+def t975(df: float) -> float:
+    """The 97.5% quantile of Student's t with floor(df) degrees of freedom (at least 1; infinite: the normal's)."""
+    if math.isinf(df):
+        return Z95
+    whole = max(1, math.floor(df))
+    if whole <= len(_T975):
+        return _T975[whole - 1]
+    return next((t for limit, t in _T975_TAIL if whole < limit), 1.980)
+
+
+def seed_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float] | None:
+    """mean(b) - mean(a) over seeds with its Welch 95% interval: the claim "recipe B beats A" needs the interval
+    to exclude 0. Each seed is one draw of the recipe (a seed's answers are not independent of each other, so pooling
+    answers over seeds understates the spread). None with fewer than two seeds a side."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    diff, se = statistics.mean(b) - statistics.mean(a), math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else math.inf
+    half = t975(df) * se
+    return {"diff": diff, "low": diff - half, "high": diff + half, "df": df}
 
 
 def fact_summary(questions: Sequence[HeldOutQuestion], verdicts: Sequence[Verdict]) -> dict[str, Any]:
