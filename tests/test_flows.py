@@ -126,7 +126,8 @@ def test_a_run_without_parameters_reads_farense_yaml_and_overrides_win(
     (used,) = (tmp_path / "artifacts" / "data").glob("*/farense_config.json")
     assert json.loads(used.read_text())["data"] | {"path": None} == {
         "path": None, "valid_fraction": 0.25, "seed": 7, "max_line_bytes": 1_000_000,
-        "dev_questions": str(tiny_inputs.questions), "test_questions": str(tmp_path / "data/eval/test.jsonl")}  # fmt: skip
+        "dev_questions": str(tiny_inputs.questions), "test_questions": str(tmp_path / "data/eval/test.jsonl"),
+        "facts": None}  # fmt: skip
     state = STAGE_FLOWS["data"](config={"data": {"valid_fraction": 0.5}}, return_state=True)
     assert state.is_completed(), state.message
     configs = [json.loads(p.read_text())["data"] for p in (tmp_path / "artifacts" / "data").glob("*/farense_config.json")]

@@ -106,6 +106,16 @@ def test_cpu_quality_profile_is_the_default_recipe_for_4_epochs() -> None:
     assert quality == default
 
 
+def test_grounded_profile_is_the_default_recipe_with_the_facts() -> None:
+    """configs/grounded.yaml is farense.yaml plus the facts file and the sequence length its longer rows need."""
+    root = Path(__file__).resolve().parents[1]
+    default = load_config(root / "farense.yaml", root=root).model_dump()
+    grounded = load_config(root / "configs/grounded.yaml", root=root).model_dump()
+    assert grounded["data"].pop("facts") == root / "data/facts.txt" and default["data"].pop("facts") is None
+    assert (grounded["train"].pop("max_seq_length"), default["train"].pop("max_seq_length")) == (512, 256)
+    assert grounded == default
+
+
 def test_unknown_and_invalid_fields_name_the_field(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  epochz: 3\n")

@@ -43,6 +43,11 @@ class DataConfig(Section):
         Path("data/eval/test.jsonl"),
         description="The sealed test set: answered and reported by the validate stage, never used to choose anything",
     )
+    facts: Path | None = Field(
+        None,
+        description="Grounded answers (opt-in): a text file of facts, one a line, appended to every example's system "
+        "prompt and so to every question the model is asked (src/farense/grounding.py; configs/grounded.yaml)",
+    )
 
 
 class ModelConfig(Section):
@@ -222,6 +227,7 @@ class FarenseConfig(Section):
         cfg.data.path = _absolute(cfg.data.path, root)
         cfg.data.dev_questions = _absolute(cfg.data.dev_questions, root)
         cfg.data.test_questions = _absolute(cfg.data.test_questions, root)
+        cfg.data.facts = None if cfg.data.facts is None else _absolute(cfg.data.facts, root)
         if _looks_like_path(cfg.model.source) and not Path(cfg.model.source).is_absolute():
             candidate = root / cfg.model.source
             if candidate.exists():

@@ -18,7 +18,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from farense.config import DataConfig
 from farense.data_schema import Format, InvalidExample, parse_example
 from farense.errors import DataError
+from farense.grounding import facts_block, grounded_row, read_facts
 
 RAW_CHARS = 500
 _RAW_BYTES = RAW_CHARS * 4  # enough bytes for RAW_CHARS characters of any script
@@ -231,7 +232,13 @@ def prepare_dataset(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
             f"{len(clean) - len(text_rows)} chat/completions rows; mlx-lm trains one format per dataset: "
             "turn the text rows into prompt/completion pairs or move them to another dataset"
         )
-    in_valid = _valid_mask([c.canonical for c in clean], cfg.valid_fraction, cfg.seed)
+    in_valid = _valid_mask([c.canonical for c in clean], cfg.valid_fraction, cfg.seed)  # the split of the rows as given
+    if cfg.facts is not None:
+        if text_rows:
+            raise DataError(f"{cfg.path}: data.facts grounds chat and completions rows; this dataset is text rows "
+                            f"(first at {text_rows[0].file}:{text_rows[0].line})")  # fmt: skip
+        block = facts_block(read_facts(cfg.facts))
+        clean = [replace(c, row=grounded_row(c.row, block)) for c in clean]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

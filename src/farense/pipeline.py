@@ -89,7 +89,9 @@ def source_inputs(cfg: FarenseConfig, stage: str, sha256: Callable[[Path], str] 
     if stage == "data":
         if not cfg.data.path.exists():
             raise DataError(f"{cfg.data.path}: dataset not found (set data.path to a JSONL file or a folder)")
-        return {"dataset": hash_path(cfg.data.path, sha256)}
+        facts = cfg.data.facts
+        grounded = {"facts": hash_path(facts, sha256)} if facts is not None and facts.is_file() else {}
+        return {"dataset": hash_path(cfg.data.path, sha256), **grounded}
     if stage == "model":
         return {"source": resolve_source(cfg.model, sha256).identity}
     if stage == "validate":
