@@ -78,6 +78,13 @@ def diet(rows: list[dict], cap: int = DIET_CAP) -> list[dict]:
     return kept
 
 
+def augment_rows(leave_out: tuple[str, ...] = ()) -> list[dict]:
+    """data/augment's rows, file by file in name order, without the files named in `leave_out` and the redirects."""
+    folder = ROOT / "data/augment"
+    return [r for f in sorted(folder.glob("*.jsonl")) if f.name not in (*REDIRECT_FILES, *leave_out)
+            for r in read_jsonl(f)]  # fmt: skip
+
+
 def write(folder: Path, qa: list[dict], completions: list[dict]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("qa.jsonl", qa), ("completions.jsonl", completions)):
@@ -94,19 +101,16 @@ def write(folder: Path, qa: list[dict], completions: list[dict]) -> None:
 def main(out: Path) -> None:
     qa = read_jsonl(ROOT / "data/farense/qa.jsonl")
     comp = read_jsonl(ROOT / "data/farense/completions.jsonl")
-    augment = [r for f in sorted((ROOT / "data/augment").glob("*.jsonl")) if f.name not in REDIRECT_FILES
-               for r in read_jsonl(f)]  # fmt: skip
     redirects = [r for name in REDIRECT_FILES for r in read_jsonl(ROOT / "data/augment" / name)]
     n_qa, n_comp = [restyle(r) for r in qa], [restyle(r) for r in comp]
-    n_aug = [restyle(r) for r in augment]
+    n_aug = [restyle(r) for r in augment_rows()]
     write(out / "neutral", n_qa, n_comp)
     write(out / "neutral-diet", diet(n_qa), n_comp)
     write(out / "neutral-hard", n_qa + n_aug, n_comp)
     write(out / "neutral-hard-diet", diet(n_qa + n_aug), n_comp)
     write(out / "redirect", n_qa + redirects, n_comp)
     write(out / "redirect-hard", n_qa + n_aug + redirects, n_comp)
-    no_statements = [restyle(r) for f in sorted((ROOT / "data/augment").glob("*.jsonl"))
-                     if f.name not in (*REDIRECT_FILES, "statements.jsonl") for r in read_jsonl(f)]  # fmt: skip
+    no_statements = [restyle(r) for r in augment_rows(leave_out=("statements.jsonl",))]
     write(out / "hard-nostatements", n_qa + no_statements, n_comp)
     write(out / "redirect-hard-nostatements", n_qa + no_statements + redirects, n_comp)
 

@@ -4,8 +4,8 @@ its system prompt (a benchmark, not a test; dev only, never the sealed test set)
     python benchmarks/grounded_probe.py artifacts/validate/<key> [...]
 
 One JSON line per validate artifact and prompt: dev fact accuracy, indirect, wrong declines, live declined,
-off-topic redirected, overall accuracy, contradictions, and the answering seconds. The facts are the sentences of
-data/README.md's facts list as data/farense answers them. Issue #34 lists grounded answers as an optional lever
+off-topic redirected, overall accuracy, contradictions, and the answering seconds. The facts are data/facts.txt's,
+joined on one line after the system prompt (not `data.facts`'s block: this probe predates it). Issue #34 lists grounded answers as an optional lever
 "with the model trained to use them"; this probe measures the untrained half, which needs no training compute.
 """
 
@@ -23,17 +23,9 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 import farense  # noqa: E402,F401  (OpenBLAS before mlx)
 from farense.config import FarenseConfig  # noqa: E402
 from farense.evaluate import answer_questions, attach_adapter, dev_questions, load_base, qa_summary  # noqa: E402
+from farense.grounding import read_facts  # noqa: E402
 
-FACTS = (
-    "O Sporting Clube Farense foi fundado a 1 de abril de 1910, em Faro.",
-    "O Farense joga em casa no Estádio de São Luís, em Faro.",
-    "As cores do Farense são o preto e o branco.",
-    "A melhor classificação do Farense na Primeira Liga foi o 5.º lugar, em 1994-95.",
-    "O Farense jogou a Taça UEFA em 1995-96, a sua primeira participação europeia, depois do 5.º lugar em 1994-95.",
-    "O Farense foi finalista da Taça de Portugal em 1990, mas perdeu a final.",
-    "Hassan Nader, avançado marroquino, foi o melhor marcador da Primeira Liga em 1994-95, ao serviço do Farense.",
-    "Faro é a capital do Algarve e do distrito de Faro, no sul de Portugal.",
-)
+FACTS_FILE = ROOT / "data/facts.txt"
 KEYS = ("fact_accuracy", "indirect_accuracy", "wrong_declines", "live_declined", "off_topic_redirected",
         "overall_accuracy", "contradictions")  # fmt: skip
 
@@ -42,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("validate_dirs", type=Path, nargs="+", help="validate artifacts (their adapter/ and config)")
     args = ap.parse_args()
+    facts = " ".join(read_facts(FACTS_FILE))
     for vdir in args.validate_dirs:
         cfg = FarenseConfig.model_validate_json((vdir / "farense_config.json").read_text(encoding="utf-8"))
         manifest = json.loads((vdir / "manifest.json").read_text(encoding="utf-8"))
@@ -51,7 +44,7 @@ def main() -> None:
         system_prompt = metrics["system_prompt"]
         model, tokenizer, _ = load_base(model_dir)
         model = attach_adapter(model, vdir / "adapter")
-        for label, prompt in (("plain", system_prompt), ("facts", f"{system_prompt} Factos: {' '.join(FACTS)}")):
+        for label, prompt in (("plain", system_prompt), ("facts", f"{system_prompt} Factos: {facts}")):
             scored, seconds = answer_questions(model, tokenizer, questions, prompt, cfg.eval.max_tokens,
                                                cfg.eval.batch_size)  # fmt: skip
             summary = qa_summary(questions, scored, seconds)
