@@ -15,6 +15,7 @@ from pathlib import Path
 import farense  # noqa: F401
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten as mlx_tree_flatten
 
 from farense.checkpoint import find_resumable, list_checkpoints
 from farense.config import load_config
@@ -418,3 +419,30 @@ def test_ctrl_c_while_a_step_is_in_flight_saves_that_step_exactly(
     summary, _ = run_train(tiny_inputs, out, **one_graph)
     assert summary["resumed_from_step"] == 5
     assert max_abs_diff(out / "adapters.safetensors", tmp_path / "straight" / "adapters.safetensors") <= 1e-6
+
+
+def test_full_fine_tuning_trains_and_saves_every_weight_that_validate_loads(
+    tiny_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    from farense.evaluate import attach_adapter, load_base
+
+    out = tmp_path / "out"
+    run_train(tiny_inputs, out, **{"train.fine_tune_type": "full", "train.max_steps": 3})
+    cfgj = json.loads((out / "adapter_config.json").read_text())
+    assert cfgj["fine_tune_type"] == "full"
+    saved = mx.load(str(out / "adapters.safetensors"))
+    assert not any("lora" in k for k in saved)
+    base, _, _ = load_base(tiny_inputs["model"])
+    base_weights = dict(mlx_tree_flatten(base.parameters()))
+    assert saved.keys() == base_weights.keys(), "every weight of the dense base is trained and saved"
+    moved = [k for k in saved if mx.abs(saved[k] - base_weights[k]).max().item() > 0]
+    assert any(k.endswith("q_proj.weight") for k in moved) and any("embed_tokens" in k for k in moved)
+    tuned = attach_adapter(base, out)  # what the validate stage does: mlx-lm's load_adapters over the dense base
+    loaded = dict(mlx_tree_flatten(tuned.parameters()))
+    assert all(mx.array_equal(loaded[k], saved[k]).item() for k in saved)
+
+
+def test_full_fine_tuning_on_the_quantized_path_says_what_to_set(tiny_inputs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="compute_path=dequantized"):
+        run_train(tiny_inputs, tmp_path / "out",
+                  **{"train.fine_tune_type": "full", "train.compute_path": "quantized", "train.max_steps": 1})

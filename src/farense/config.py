@@ -100,6 +100,11 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(
         None, gt=0, description="Clip the gradient's global norm to this before each optimizer step; null: no clipping"
     )
+    fine_tune_type: Literal["lora", "full"] = Field(
+        "lora", description="lora: adapters over the frozen base (QLoRA); full: every weight of the dequantized base "
+        "is trained and saved (a measurement option for small models on a CPU: the adapter file holds the whole "
+        "model in float32 and loads only over a dequantized base)"
+    )
     lora_rank: int = Field(8, ge=1)
     lora_scale: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)

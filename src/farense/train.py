@@ -162,7 +162,8 @@ def evaluate(
 
 
 def load_for_training(model_dir: Path, tcfg: TrainConfig) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Load the 4-bit base, choose the compute path, add LoRA layers; only the adapters are trainable. On a CPU,
+    """Load the 4-bit base, choose the compute path, add LoRA layers; only the adapters are trainable
+    (`train.fine_tune_type=full`: no adapters, every weight of the dense base is trainable). On a CPU,
     the process keeps freed host memory for reuse from here on (farense.memory.keep_freed_host_memory)."""
     from mlx_lm.tuner.trainer import grad_checkpoint
     from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -173,7 +174,15 @@ def load_for_training(model_dir: Path, tcfg: TrainConfig) -> tuple[nn.Module, An
     path = select_compute_path(tcfg.compute_path)
     compute = apply_compute_path(model, path, fast_math=tcfg.fast_math, low_memory=tcfg.low_memory)
     compute["host_memory_kept"] = mx.default_device() == mx.cpu and keep_freed_host_memory()
-    linear_to_lora_layers(model, tcfg.lora_layers, lora_parameters(tcfg))
+    if tcfg.fine_tune_type == "full":
+        if path == "quantized":
+            raise TrainingError(
+                "train.fine_tune_type=full trains every weight, which needs a dense base: set "
+                "train.compute_path=dequantized (the quantized path keeps 4-bit weights that cannot be trained)"
+            )
+        model.unfreeze()
+    else:
+        linear_to_lora_layers(model, tcfg.lora_layers, lora_parameters(tcfg))
     if tcfg.grad_checkpoint:
         grad_checkpoint(model.layers[0])
     mx.eval(model.parameters())
@@ -192,7 +201,7 @@ def lora_parameters(tcfg: TrainConfig) -> dict[str, Any]:
 def adapter_config(cfg: FarenseConfig, num_layers: int) -> dict[str, Any]:
     """The `adapter_config.json` stock mlx-lm reads (`mlx_lm.generate --adapter-path`, `mlx_lm.fuse`)."""
     return {
-        "fine_tune_type": "lora",
+        "fine_tune_type": cfg.train.fine_tune_type,
         "num_layers": num_layers if cfg.train.lora_layers < 0 else cfg.train.lora_layers,
         "lora_parameters": lora_parameters(cfg.train),
         "model": str(cfg.model.source),
