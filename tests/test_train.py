@@ -15,11 +15,12 @@ from pathlib import Path
 import farense  # noqa: F401
 import mlx.core as mx
 import pytest
-from mlx.utils import tree_flatten as mlx_tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from farense.checkpoint import find_resumable, list_checkpoints
 from farense.config import load_config
 from farense.errors import TrainingError, TrainingInterrupted
+from farense.evaluate import attach_adapter, load_base
 from farense.progress import NullReporter
 from farense.stages import StageContext
 from farense.train import fit_batch, read_metrics, train_stage
@@ -173,7 +174,6 @@ def test_nan_weights_stop_with_the_step_and_keep_the_last_good_checkpoint(
     tiny_inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import farense.train as train_mod
-    from mlx.utils import tree_flatten, tree_unflatten
 
     loaded = {}
     real_load = train_mod.load_for_training
@@ -424,8 +424,6 @@ def test_ctrl_c_while_a_step_is_in_flight_saves_that_step_exactly(
 def test_full_fine_tuning_trains_and_saves_every_weight_that_validate_loads(
     tiny_inputs: dict[str, Path], tmp_path: Path
 ) -> None:
-    from farense.evaluate import attach_adapter, load_base
-
     out = tmp_path / "out"
     run_train(tiny_inputs, out, **{"train.fine_tune_type": "full", "train.max_steps": 3})
     cfgj = json.loads((out / "adapter_config.json").read_text())
@@ -433,12 +431,12 @@ def test_full_fine_tuning_trains_and_saves_every_weight_that_validate_loads(
     saved = mx.load(str(out / "adapters.safetensors"))
     assert not any("lora" in k for k in saved)
     base, _, _ = load_base(tiny_inputs["model"])
-    base_weights = dict(mlx_tree_flatten(base.parameters()))
+    base_weights = dict(tree_flatten(base.parameters()))
     assert saved.keys() == base_weights.keys(), "every weight of the dense base is trained and saved"
     moved = [k for k in saved if mx.abs(saved[k] - base_weights[k]).max().item() > 0]
     assert any(k.endswith("q_proj.weight") for k in moved) and any("embed_tokens" in k for k in moved)
     tuned = attach_adapter(base, out)  # what the validate stage does: mlx-lm's load_adapters over the dense base
-    loaded = dict(mlx_tree_flatten(tuned.parameters()))
+    loaded = dict(tree_flatten(tuned.parameters()))
     assert all(mx.array_equal(loaded[k], saved[k]).item() for k in saved)
 
 
